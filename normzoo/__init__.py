@@ -1,0 +1,30 @@
+"""normzoo: normalization layers for Flax, numerically safe and synced across devices."""
+
+from normzoo._batch import BatchNorm, BatchRenorm, MeanOnlyBatchNorm
+from normzoo._composite import IBN
+from normzoo._registry import Identity, Normalizer, available, make
+from normzoo._sample import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
+from normzoo._stats import moments
+from normzoo._weight import CosineConv, CosineDense, WeightNormConv, WeightNormDense
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm",
+    "BatchRenorm",
+    "CosineConv",
+    "CosineDense",
+    "GroupNorm",
+    "IBN",
+    "Identity",
+    "InstanceNorm",
+    "LayerNorm",
+    "MeanOnlyBatchNorm",
+    "Normalizer",
+    "RMSNorm",
+    "WeightNormConv",
+    "WeightNormDense",
+    "available",
+    "make",
+    "moments",
+]

@@ -1,0 +1,332 @@
+"""The one statistics helper shared by every normalization layer.
+
+Everything that computes a mean or a variance goes through :func:`moments`, and
+everything that turns statistics into an output goes through :func:`normalize`.
+
+Numerics (why it looks the way it does):
+
+* Statistics are computed in at least float32, whatever the input dtype.
+* Each device first computes *local* statistics ``(count, mean, M2)`` with the
+  corrected two-pass algorithm (Chan, Golub & LeVeque 1983): a pilot mean ``p``,
+  then ``s1 = sum(x - p)`` and ``s2 = sum((x - p)**2)``; ``mean = p + s1/n`` and
+  ``M2 = s2 - s1**2/n``. Because ``x - p`` is small, no large numbers are
+  subtracted from each other, unlike the fast variance ``E[x^2] - E[x]^2``,
+  which loses every significant digit when ``|mean| >> std`` (x ~ N(1e4, 1)).
+  The pilot is held constant for autodiff (``stop_gradient``); the formulas are
+  exact for any constant pilot, so gradients are exact too.
+* Across devices (``axis_name`` set) the per-device triples are exchanged with a
+  single ``all_gather`` and combined on every device with Chan's parallel
+  formula ``M2 = sum_i M2_i + sum_i n_i (m_i - m)^2``. This is one collective,
+  stays stable for large means (no device ever adds squares of large numbers),
+  and weights every device by its number of valid elements, so masks and
+  uneven batches give the statistics of the union of valid elements. It is the
+  scheme PyTorch's SyncBatchNorm uses (gather mean/var/count, then combine).
+  ``all_gather`` also accepts ``axis_index_groups`` under ``shard_map``, where
+  ``psum`` with groups is not implemented.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax.linen import dtypes as flax_dtypes
+from jax import lax
+
+Array = jax.Array
+Axes = int | Sequence[int]
+
+_UNBOUND_AXIS_HELP = (
+    "`axis_name` only has a meaning inside a mapped context that names that axis: "
+    "`jax.pmap(..., axis_name={name!r})` or `jax.shard_map(..., mesh=...)` over a mesh "
+    "axis called {name!r}. Under plain `jax.jit` with inputs sharded by `NamedSharding`, "
+    "leave `axis_name=None`: the compiler already reduces the statistics across devices."
+)
+
+
+def canonicalize_axes(rank: int, axes: Axes, *, argument: str, layer: str) -> tuple[int, ...]:
+    """Returns sorted, non-negative axes, raising a clear error for bad ones."""
+    if isinstance(axes, numbers.Integral):
+        axes = (int(axes),)
+    if not isinstance(axes, Sequence) or not all(isinstance(a, numbers.Integral) for a in axes):
+        raise TypeError(
+            f"{layer}: `{argument}` must be an int or a sequence of ints, got {axes!r}."
+        )
+    for a in axes:
+        if not -rank <= a < rank:
+            raise ValueError(
+                f"{layer}: `{argument}`={tuple(axes)!r} is out of range for an input of "
+                f"rank {rank}; use axes in [{-rank}, {rank - 1}] (negative values count "
+                "from the last axis)."
+            )
+    out = tuple(sorted(int(a) % rank for a in axes))
+    if len(set(out)) != len(out):
+        raise ValueError(
+            f"{layer}: `{argument}`={tuple(axes)!r} names the same axis twice; "
+            "list each axis once."
+        )
+    return out
+
+
+def stats_dtype(x_dtype: Any, dtype: Any = None) -> Any:
+    """The dtype statistics are computed in: at least float32."""
+    base = jnp.result_type(x_dtype) if dtype is None else jnp.dtype(dtype)
+    return jnp.promote_types(base, jnp.float32)
+
+
+def check_mask(mask: Array | None, x: Array, *, layer: str) -> Array | None:
+    """Validates a boolean mask broadcastable to ``x`` and broadcasts it."""
+    if mask is None:
+        return None
+    mask_dtype = getattr(mask, "dtype", None)
+    if mask_dtype is None or jnp.dtype(mask_dtype) != jnp.bool_:
+        raise TypeError(
+            f"{layer}: `mask` must be a boolean array, got dtype {mask_dtype}; "
+            "pass `mask.astype(bool)` (True marks the positions that enter the statistics)."
+        )
+    try:
+        shape = jnp.broadcast_shapes(mask.shape, x.shape)
+    except ValueError:
+        shape = None
+    if shape != x.shape:
+        raise ValueError(
+            f"{layer}: `mask` of shape {tuple(mask.shape)} does not broadcast to the "
+            f"input of shape {tuple(x.shape)}; give it the input's shape, or size-1 "
+            "dimensions where it is shared (e.g. (batch, 1, 1, 1) to mask whole examples)."
+        )
+    return jnp.broadcast_to(mask, x.shape)
+
+
+def _check_groups(axis_name: str, axis_index_groups: Any, *, layer: str) -> None:
+    try:
+        size = lax.axis_size(axis_name)
+    except NameError:
+        raise ValueError(
+            f"{layer}: axis_name={axis_name!r} is not bound here. "
+            + _UNBOUND_AXIS_HELP.format(name=axis_name)
+        ) from None
+    if axis_index_groups is None:
+        return
+    try:
+        groups = [[int(i) for i in g] for g in axis_index_groups]
+    except TypeError:
+        raise TypeError(
+            f"{layer}: `axis_index_groups` must be a list of lists of device indices, "
+            f"got {axis_index_groups!r}."
+        ) from None
+    flat = sorted(i for g in groups for i in g)
+    sizes = {len(g) for g in groups}
+    if flat != list(range(size)) or len(sizes) != 1:
+        raise ValueError(
+            f"{layer}: axis_index_groups={groups!r} must split the {size} indices of axis "
+            f"{axis_name!r} into groups of equal size, each index in exactly one group "
+            f"(e.g. {[list(range(0, size // 2)), list(range(size // 2, size))]!r})."
+        )
+
+
+def _all_gather(x: Array, axis_name: str, axis_index_groups: Any, *, layer: str) -> Array:
+    _check_groups(axis_name, axis_index_groups, layer=layer)
+    return lax.all_gather(x, axis_name, axis_index_groups=axis_index_groups)
+
+
+def local_moments(
+    x: Array, axes: tuple[int, ...], mask: Array | None, use_mean: bool
+) -> tuple[Array, Array, Array]:
+    """Per-device ``(count, mean, M2)`` over ``axes`` (reduced away), in x's dtype.
+
+    ``M2`` is the sum of squared deviations from ``mean``; with ``use_mean=False``
+    ``mean`` is zero and ``M2`` is the plain sum of squares (RMSNorm).
+    """
+    if mask is None:
+        n = math.prod(x.shape[a] for a in axes)
+        count = jnp.full(
+            tuple(s for i, s in enumerate(x.shape) if i not in axes), n, x.dtype
+        )
+
+        def rsum(v, keepdims=False):
+            return jnp.sum(v, axes, keepdims=keepdims)
+
+    else:
+        count = jnp.sum(mask, axes, dtype=x.dtype)
+
+        def rsum(v, keepdims=False):
+            return jnp.sum(jnp.where(mask, v, 0), axes, keepdims=keepdims)
+
+    # An all-masked slice has no statistics; dividing by 1 keeps them finite (0).
+    safe = jnp.maximum(count, 1)
+    if not use_mean:
+        return count, jnp.zeros_like(count), rsum(x * x)
+    pilot = lax.stop_gradient(rsum(x, keepdims=True) / jnp.expand_dims(safe, axes))
+    d = x - pilot
+    s1 = rsum(d)
+    s2 = rsum(d * d)
+    mean = jnp.squeeze(pilot, axes) + s1 / safe
+    # s2 - s1^2/n is >= 0 in exact arithmetic; clip round-off so rsqrt never sees < 0.
+    m2 = jnp.maximum(s2 - s1 * s1 / safe, 0.0)
+    return count, mean, m2
+
+
+def combine_moments(count: Array, mean: Array, m2: Array, axis: int = 0):
+    """Chan's parallel combination of ``(count, mean, M2)`` triples along ``axis``."""
+    total = jnp.sum(count, axis)
+    safe = jnp.maximum(total, 1)
+    # Pivot on the largest part's mean so that the weighted sum only adds small numbers.
+    pivot = lax.stop_gradient(
+        jnp.take_along_axis(mean, jnp.argmax(count, axis, keepdims=True), axis)
+    )
+    combined = jnp.squeeze(pivot, axis) + jnp.sum(count * (mean - pivot), axis) / safe
+    spread = jnp.sum(count * jnp.square(mean - jnp.expand_dims(combined, axis)), axis)
+    return total, combined, jnp.sum(m2, axis) + spread
+
+
+def moments(
+    x: Array,
+    axes: Axes,
+    *,
+    mask: Array | None = None,
+    use_mean: bool = True,
+    dtype: Any = None,
+    axis_name: str | None = None,
+    axis_index_groups: Any = None,
+    layer: str = "moments",
+) -> tuple[Array, Array]:
+    """Mean and (biased) variance of ``x`` over ``axes``, stable and device-synced.
+
+    Args:
+      x: input array, any float dtype.
+      axes: axes to reduce over (removed from the outputs).
+      mask: optional boolean array broadcastable to ``x``; only True positions count.
+      use_mean: if False the mean is zero and the "variance" is the mean square.
+      dtype: minimal dtype of the statistics (promoted to at least float32).
+      axis_name: mapped axis to reduce over as well (pmap / shard_map), with one
+        ``all_gather``.
+      axis_index_groups: optional partition of ``axis_name``'s indices; statistics
+        are combined within each group only.
+      layer: name used in error messages.
+
+    Returns:
+      ``(mean, var)``, each of x's shape with ``axes`` removed, in the stats dtype.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from normzoo._stats import moments
+      >>> mean, var = moments(jnp.array([[1e4, 1e4 + 2.0]]), axes=1)
+      >>> float(mean[0]), float(var[0])
+      (10001.0, 1.0)
+    """
+    axes = canonicalize_axes(x.ndim, axes, argument="axes", layer=layer)
+    x = jnp.asarray(x, stats_dtype(x.dtype, dtype))
+    mask = check_mask(mask, x, layer=layer)
+    count, mean, m2 = local_moments(x, axes, mask, use_mean)
+    if axis_name is not None:
+        stacked = _all_gather(
+            jnp.stack([count, mean, m2]), axis_name, axis_index_groups, layer=layer
+        )
+        count, mean, m2 = combine_moments(stacked[:, 0], stacked[:, 1], stacked[:, 2])
+    return mean, m2 / jnp.maximum(count, 1)
+
+
+def param_with_shape(mdl, name: str, init, shape: tuple[int, ...], dtype, *, what: str):
+    """``mdl.param`` that explains a shape mismatch with existing variables."""
+    if mdl.has_variable("params", name):
+        existing = tuple(mdl.get_variable("params", name).shape)
+        if existing != tuple(shape):
+            raise ValueError(
+                f"{type(mdl).__name__}: the input has {what} {tuple(shape)}, but the existing "
+                f"params[{name!r}] has shape {existing}. These variables were created for a "
+                f"different input; re-run `init` with the new input shape, or feed inputs "
+                f"whose {what} is {existing}."
+            )
+    return mdl.param(name, init, tuple(shape), dtype)
+
+
+def variable_with_shape(mdl, collection: str, name: str, init, shape, *, what: str):
+    """``mdl.variable`` for running statistics, with the same mismatch check."""
+    if mdl.has_variable(collection, name):
+        existing = tuple(mdl.get_variable(collection, name).shape)
+        if existing != tuple(shape):
+            raise ValueError(
+                f"{type(mdl).__name__}: the input has {what} {tuple(shape)}, but the existing "
+                f"{collection}[{name!r}] has shape {existing}. Re-run `init` with the new "
+                f"input shape, or feed inputs whose {what} is {existing}."
+            )
+    return mdl.variable(collection, name, init, tuple(shape))
+
+
+def normalize(
+    mdl,
+    x: Array,
+    mean: Array,
+    inv: Array,
+    *,
+    param_shape: tuple[int, ...],
+    param_view: tuple[int, ...],
+    dtype: Any,
+    param_dtype: Any,
+    use_bias: bool,
+    use_scale: bool,
+    bias_init,
+    scale_init,
+    offset: Array | None = None,
+) -> Array:
+    """``y = (x - mean) * inv * scale + offset * scale + bias`` in the stats dtype.
+
+    ``mean``, ``inv`` (1/std, possibly times BatchRenorm's r) and ``offset``
+    (BatchRenorm's d) broadcast against ``x``; the learned ``scale`` and ``bias``
+    have ``param_shape`` and are reshaped to ``param_view`` to broadcast. The
+    result dtype follows flax.linen: ``dtype`` if given, else the promotion of
+    the input and the parameters used.
+    """
+    xs = jnp.asarray(x, mean.dtype)
+    mul = inv
+    args = [x]
+    scale = None
+    if use_scale:
+        scale = param_with_shape(
+            mdl, "scale", scale_init, param_shape, param_dtype, what="feature shape"
+        )
+        args.append(scale)
+        scale = jnp.reshape(scale, param_view)
+        mul = mul * scale
+    y = (xs - mean) * mul
+    if offset is not None:
+        y = y + (offset if scale is None else offset * scale)
+    if use_bias:
+        bias = param_with_shape(
+            mdl, "bias", bias_init, param_shape, param_dtype, what="feature shape"
+        )
+        args.append(bias)
+        y = y + jnp.reshape(bias, param_view)
+    return jnp.asarray(y, flax_dtypes.canonicalize_dtype(*args, dtype=dtype))
+
+
+def expand(stat: Array, axes: tuple[int, ...]) -> Array:
+    """Re-inserts reduced ``axes`` as size-1 dimensions so ``stat`` broadcasts."""
+    return jnp.expand_dims(stat, axes)
+
+
+def feature_view(rank: int, feature_axes: tuple[int, ...], shape) -> tuple[int, ...]:
+    """The broadcastable shape of per-feature parameters for an input of ``rank``."""
+    view = [1] * rank
+    for a in feature_axes:
+        view[a] = shape[a]
+    return tuple(view)
+
+
+__all__ = [
+    "canonicalize_axes",
+    "check_mask",
+    "combine_moments",
+    "expand",
+    "feature_view",
+    "local_moments",
+    "moments",
+    "normalize",
+    "param_with_shape",
+    "stats_dtype",
+    "variable_with_shape",
+]

@@ -1,0 +1,265 @@
+"""BatchNorm, BatchRenorm and MeanOnlyBatchNorm against NumPy references."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import normzoo
+from tests import reference as ref
+
+CASES = {
+    "normal": lambda r, s: r.normal(size=s) * 2.0 + 0.5,
+    "large_mean": lambda r, s: r.normal(size=s) + 1e4,
+    "constant_channel": lambda r, s: np.concatenate(
+        [np.full(s[:-1] + (1,), 3.25), r.normal(size=s[:-1] + (s[-1] - 1,))], -1
+    ),
+}
+TOL = {"normal": 2e-5, "large_mean": 2e-3, "constant_channel": 2e-5}
+
+
+def make_input(case, shape, seed=0):
+    return np.asarray(CASES[case](np.random.default_rng(seed), shape), np.float32)
+
+
+def train_apply(layer, variables, x, **kw):
+    return layer.apply(variables, x, use_running_average=False, mutable=["batch_stats"], **kw)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("shape,axis", [((16, 5, 5, 4), -1), ((32, 6), -1), ((8, 3, 7), 1)])
+def test_batch_norm_matches_reference(case, shape, axis):
+    # Build features-last, then move the feature axis into place.
+    last = shape[:axis % len(shape)] + shape[axis % len(shape) + 1:] + (shape[axis],)
+    x = np.ascontiguousarray(np.moveaxis(make_input(case, last), -1, axis))
+    layer = normzoo.BatchNorm(axis=axis, epsilon=1e-5)
+    variables = layer.init(jax.random.key(0), x, use_running_average=False)
+    y, _ = jax.jit(lambda v, x: train_apply(layer, v, x))(variables, x)
+    axes = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+    want = ref.batch_norm(x, axes, 1e-5)
+    np.testing.assert_allclose(y, want, atol=TOL[case], rtol=0)
+    assert np.all(np.isfinite(y))
+    if case == "constant_channel":
+        assert np.all(np.take(np.asarray(y), 0, axis=axis) == 0.0)
+
+
+def test_large_mean_within_1e_2_of_float64():
+    """The core issue's bar: x ~ N(1e4, 1) in float32 within 1e-2 of a float64 reference."""
+    x = make_input("large_mean", (128, 8, 8, 16), seed=3)
+    layer = normzoo.BatchNorm(use_running_average=False)
+    v = layer.init(jax.random.key(0), x)
+    y, upd = jax.jit(lambda v, x: layer.apply(v, x, mutable=["batch_stats"]))(v, x)
+    err = np.abs(np.asarray(y, np.float64) - ref.batch_norm(x, (0, 1, 2), 1e-5)).max()
+    assert err < 1e-2
+    var64 = ref.f64(x).var((0, 1, 2))
+    np.testing.assert_allclose(upd["batch_stats"]["var"], 0.99 + 0.01 * var64, atol=1e-4)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_running_statistics_update(steps):
+    layer = normzoo.BatchNorm(momentum=0.9)
+    xs = [make_input("normal", (12, 3, 3, 4), seed=s) for s in range(steps)]
+    variables = layer.init(jax.random.key(0), xs[0], use_running_average=False)
+    assert np.all(variables["batch_stats"]["mean"] == 0) and np.all(variables["batch_stats"]["var"] == 1)
+    mean, var = np.zeros(4), np.ones(4)
+    for x in xs:
+        _, upd = train_apply(layer, variables, x)
+        variables = {**variables, **upd}
+        mean = 0.9 * mean + 0.1 * ref.f64(x).mean((0, 1, 2))
+        var = 0.9 * var + 0.1 * ref.f64(x).var((0, 1, 2))
+    np.testing.assert_allclose(variables["batch_stats"]["mean"], mean, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(variables["batch_stats"]["var"], var, rtol=1e-6, atol=1e-7)
+
+
+def test_eval_mode_uses_running_statistics():
+    x = make_input("normal", (6, 5))
+    layer = normzoo.BatchNorm(use_running_average=True, epsilon=1e-3)
+    v = layer.init(jax.random.key(0), x)
+    stats = {"mean": jnp.arange(5.0), "var": jnp.arange(1.0, 6.0)}
+    params = {"scale": jnp.linspace(0.5, 2, 5), "bias": jnp.linspace(-1, 1, 5)}
+    y, upd = layer.apply({"params": params, "batch_stats": stats}, x, mutable=["batch_stats"])
+    want = (ref.f64(x) - np.arange(5.0)) / np.sqrt(np.arange(1.0, 6.0) + 1e-3) * np.linspace(0.5, 2, 5) + np.linspace(-1, 1, 5)
+    np.testing.assert_allclose(y, want, atol=1e-5)
+    np.testing.assert_array_equal(upd["batch_stats"]["mean"], stats["mean"])
+    assert v["batch_stats"]["var"].dtype == jnp.float32
+
+
+def test_init_leaves_running_statistics_untouched():
+    x = make_input("large_mean", (4, 3))
+    v = normzoo.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
+    np.testing.assert_array_equal(v["batch_stats"]["mean"], np.zeros(3))
+    np.testing.assert_array_equal(v["batch_stats"]["var"], np.ones(3))
+
+
+def _bn_input_grad(x, g, axes, eps, scale):
+    """Analytic BatchNorm backward (Ioffe & Szegedy eq. in sec. 3), float64."""
+    x, g = ref.f64(x), ref.f64(g) * scale
+    xhat = ref.batch_norm(x, axes, eps)
+    inv = 1 / np.sqrt(x.var(axes, keepdims=True) + eps)
+    return inv * (g - g.mean(axes, keepdims=True) - xhat * (g * xhat).mean(axes, keepdims=True))
+
+
+@pytest.mark.parametrize("case", ["normal", "large_mean"])
+def test_gradients_match_reference(case):
+    x = make_input(case, (10, 4, 3))
+    w = np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
+    layer = normzoo.BatchNorm(use_running_average=False)
+    v = layer.init(jax.random.key(0), x)
+    params = {"scale": jnp.array([0.5, 1.5, 2.0]), "bias": jnp.array([0.1, 0.2, 0.3])}
+
+    def loss(params, x):
+        y, _ = layer.apply({"params": params, "batch_stats": v["batch_stats"]}, x, mutable=["batch_stats"])
+        return jnp.sum(y * w)
+
+    gp, gx = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+    xhat = ref.batch_norm(x, (0, 1), 1e-5)
+    np.testing.assert_allclose(gp["bias"], ref.f64(w).sum((0, 1)), rtol=1e-5)
+    np.testing.assert_allclose(gp["scale"], (xhat * w).sum((0, 1)), atol=5e-3 if case == "large_mean" else 1e-4)
+    want = _bn_input_grad(x, w, (0, 1), 1e-5, np.array([0.5, 1.5, 2.0]))
+    np.testing.assert_allclose(gx, want, atol=5e-4 if case == "large_mean" else 2e-5)
+
+
+def test_mask_excludes_padded_examples():
+    x = make_input("normal", (8, 4, 3))
+    x[5:] = 1e6  # padding garbage must not leak into the statistics
+    mask = np.zeros((8, 1, 1), bool)
+    mask[:5] = True
+    layer = normzoo.BatchNorm(use_running_average=False, momentum=0.0)
+    v = layer.init(jax.random.key(0), x)
+    y, upd = layer.apply(v, x, mask=jnp.asarray(mask), mutable=["batch_stats"])
+    want, mu, var = ref.masked_batch_norm(x, mask, (0, 1), 1e-5)
+    np.testing.assert_allclose(np.asarray(y)[:5], want[:5], atol=2e-5)
+    np.testing.assert_allclose(upd["batch_stats"]["mean"], mu.ravel(), rtol=1e-5)
+    np.testing.assert_allclose(upd["batch_stats"]["var"], var.ravel(), rtol=1e-5)
+
+
+def test_bfloat16_output_float32_statistics():
+    x = jnp.asarray(make_input("large_mean", (16, 4, 4, 8)), jnp.bfloat16)
+    layer = normzoo.BatchNorm(use_running_average=False, dtype=jnp.bfloat16)
+    v = layer.init(jax.random.key(0), x)
+    y, upd = layer.apply(v, x, mutable=["batch_stats"])
+    assert y.dtype == jnp.bfloat16
+    assert upd["batch_stats"]["mean"].dtype == jnp.float32
+    np.testing.assert_allclose(
+        np.asarray(y, np.float32), ref.batch_norm(np.asarray(x, np.float32), (0, 1, 2), 1e-5), atol=0.05
+    )
+
+
+@pytest.mark.parametrize("use_fast_variance", [True, False])
+def test_same_as_flax_with_swapped_variables(use_fast_variance):
+    """Variables are interchangeable with flax.linen.BatchNorm and results agree."""
+    x = make_input("normal", (16, 4, 4, 6))
+    ours = normzoo.BatchNorm(momentum=0.8, use_running_average=False)
+    theirs = nn.BatchNorm(momentum=0.8, use_running_average=False, use_fast_variance=use_fast_variance)
+    v_theirs = theirs.init(jax.random.key(0), x)
+    v_ours = ours.init(jax.random.key(1), x)
+    assert jax.tree.structure(v_theirs) == jax.tree.structure(v_ours)
+    params = {"scale": jnp.linspace(0.5, 1.5, 6), "bias": jnp.linspace(-1, 1, 6)}
+    v = {"params": params, "batch_stats": v_theirs["batch_stats"]}
+    y1, u1 = ours.apply(v, x, mutable=["batch_stats"])
+    y2, u2 = theirs.apply(v, x, mutable=["batch_stats"])
+    np.testing.assert_allclose(y1, y2, atol=1e-5)
+    for k in ("mean", "var"):
+        np.testing.assert_allclose(u1["batch_stats"][k], u2["batch_stats"][k], atol=1e-6)
+    e1 = ours.clone(use_running_average=True).apply(u1 | {"params": params}, x)
+    e2 = theirs.clone(use_running_average=True).apply(u1 | {"params": params}, x)
+    np.testing.assert_allclose(e1, e2, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- BatchRenorm
+
+
+def test_renorm_with_unit_bounds_equals_batch_norm():
+    x = make_input("normal", (12, 3, 3, 5))
+    bn = normzoo.BatchNorm(use_running_average=False)
+    brn = normzoo.BatchRenorm(use_running_average=False, r_max=1.0, d_max=0.0, warmup_steps=0)
+    vb = bn.init(jax.random.key(0), x)
+    stats = {"mean": jnp.full(5, 3.0), "var": jnp.full(5, 9.0), "steps": jnp.array(7, jnp.int32)}
+    y1, u1 = bn.apply(vb, x, mutable=["batch_stats"])
+    y2, u2 = brn.apply({"params": vb["params"], "batch_stats": stats}, x, mutable=["batch_stats"])
+    np.testing.assert_allclose(y1, y2, atol=1e-6)
+    g1 = jax.grad(lambda x: jnp.sum(bn.apply(vb, x, mutable=["batch_stats"])[0] ** 3))(x)
+    g2 = jax.grad(
+        lambda x: jnp.sum(brn.apply({"params": vb["params"], "batch_stats": stats}, x, mutable=["batch_stats"])[0] ** 3)
+    )(x)
+    np.testing.assert_allclose(g1, g2, atol=1e-5)
+    assert int(u2["batch_stats"]["steps"]) == 8
+
+
+@pytest.mark.parametrize("case", ["normal", "large_mean"])
+def test_renorm_matches_reference_and_r_d_carry_no_gradient(case):
+    x = make_input(case, (16, 4, 3))
+    ra_mean = np.float32(x.mean((0, 1))) + np.array([0.3, -2.0, 0.0], np.float32)
+    ra_var = np.array([0.5, 4.0, 1.2], np.float32) * x.var((0, 1)).astype(np.float32)
+    layer = normzoo.BatchRenorm(use_running_average=False, r_max=1.5, d_max=0.5, warmup_steps=0)
+    v = layer.init(jax.random.key(0), x)
+    stats = {"mean": jnp.asarray(ra_mean), "var": jnp.asarray(ra_var), "steps": jnp.array(0, jnp.int32)}
+    w = np.random.default_rng(2).normal(size=x.shape)
+
+    def f(x):
+        y, _ = layer.apply({"params": v["params"], "batch_stats": stats}, x, mutable=["batch_stats"])
+        return jnp.sum(y * w), y
+
+    (_, y), gx = jax.value_and_grad(f, has_aux=True)(x)
+    want = ref.batch_renorm(x, (0, 1), 1e-5, ra_mean, ra_var, 1.5, 0.5)
+    np.testing.assert_allclose(y, want, atol=TOL[case])
+    # With r, d constants the backward is BatchNorm's scaled by r.
+    sb = np.sqrt(ref.f64(x).var((0, 1)) + 1e-5)
+    r = np.clip(sb / np.sqrt(ref.f64(ra_var) + 1e-5), 1 / 1.5, 1.5)
+    np.testing.assert_allclose(gx, r * _bn_input_grad(x, w, (0, 1), 1e-5, 1.0), atol=5e-4 if case == "large_mean" else 2e-5)
+
+
+def test_renorm_warmup_relaxes_bounds_linearly():
+    x = make_input("normal", (32, 2)) * 5.0  # batch std ~10: r wants to be ~10 against var=1
+    layer = normzoo.BatchRenorm(use_running_average=False, r_max=3.0, d_max=0.0, warmup_steps=4, momentum=1.0)
+    v = layer.init(jax.random.key(0), x)
+    sb = np.sqrt(ref.f64(x).var(0) + 1e-5)
+    for step in range(6):
+        v = {**v, "batch_stats": {**v["batch_stats"], "steps": jnp.array(step, jnp.int32)}}
+        y, upd = layer.apply(v, x, mutable=["batch_stats"])
+        r_max = 1 + 2.0 * min(step / 4, 1.0)
+        want = ref.batch_norm(x, (0,), 1e-5) * np.clip(sb / np.sqrt(1 + 1e-5), 1 / r_max, r_max)
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+        assert int(upd["batch_stats"]["steps"]) == step + 1
+
+
+def test_renorm_eval_equals_batch_norm_eval():
+    x = make_input("normal", (5, 4))
+    stats = {"mean": jnp.arange(4.0), "var": jnp.arange(1.0, 5.0)}
+    y1 = normzoo.BatchNorm(use_running_average=True).apply({"params": {"scale": jnp.ones(4), "bias": jnp.zeros(4)}, "batch_stats": stats}, x)
+    y2 = normzoo.BatchRenorm(use_running_average=True).apply(
+        {"params": {"scale": jnp.ones(4), "bias": jnp.zeros(4)}, "batch_stats": {**stats, "steps": jnp.array(3)}}, x
+    )
+    np.testing.assert_array_equal(y1, y2)
+
+
+# ----------------------------------------------------------------------------- ghost batches
+
+
+def test_virtual_batch_size_matches_reference():
+    x = make_input("normal", (12, 3, 4), seed=5)
+    layer = normzoo.BatchNorm(use_running_average=False, virtual_batch_size=4, momentum=0.5)
+    v = layer.init(jax.random.key(0), x)
+    y, upd = layer.apply(v, x, mutable=["batch_stats"])
+    ghosts = x.reshape(3, 4, 3, 4)
+    want = np.concatenate([ref.batch_norm(g, (0, 1), 1e-5) for g in ghosts])
+    np.testing.assert_allclose(y, want, atol=2e-5)
+    means = np.mean([ref.f64(g).mean((0, 1)) for g in ghosts], 0)
+    vars_ = np.mean([ref.f64(g).var((0, 1)) for g in ghosts], 0)
+    np.testing.assert_allclose(upd["batch_stats"]["mean"], 0.5 * means, rtol=1e-6)
+    np.testing.assert_allclose(upd["batch_stats"]["var"], 0.5 + 0.5 * vars_, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- mean-only
+
+
+def test_mean_only_batch_norm():
+    x = make_input("normal", (7, 3))
+    layer = normzoo.MeanOnlyBatchNorm(momentum=0.0)
+    v = layer.init(jax.random.key(0), x, use_running_average=False)
+    y, upd = layer.apply(v, x, use_running_average=False, mutable=["batch_stats"])
+    np.testing.assert_allclose(y, ref.f64(x) - ref.f64(x).mean(0), atol=1e-6)
+    assert set(upd["batch_stats"]) == {"mean"} and set(v["params"]) == {"bias"}
+    y_eval = layer.apply({**v, **upd}, x, use_running_average=True)
+    np.testing.assert_allclose(y_eval, y, atol=1e-6)
