@@ -9,6 +9,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from normzoo._batch import BatchNorm, BatchRenorm, MeanOnlyBatchNorm
 from normzoo._composite import IBN
@@ -19,12 +20,19 @@ Array = jax.Array
 
 
 class Identity(nn.Module):
-    """The activation normalizer of ``none``, ``weight`` and ``cosine``: returns ``x``."""
+    """The activation normalizer of ``none``, ``weight`` and ``cosine``: returns ``x``.
+
+    Attributes:
+      dtype: if set, the output is cast to it (so a model can pass ``dtype`` to any
+        normalizer); otherwise ``x`` is returned as is.
+    """
+
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: Array, use_running_average: bool | None = None, *, mask=None) -> Array:
-        """Returns ``x`` unchanged (the arguments of the other normalizers are accepted)."""
-        return x
+        """Returns ``x`` (the arguments of the other normalizers are accepted and ignored)."""
+        return x if self.dtype is None else jnp.asarray(x, self.dtype)
 
 
 @dataclasses.dataclass(frozen=True)

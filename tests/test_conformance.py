@@ -1,0 +1,83 @@
+"""Every registry name in a small conv model: jit == eager, bf16, gradients, eval_shape."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import normzoo
+
+
+class TinyNet(nn.Module):
+    norm: str
+    dtype: object = None
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        kw = {} if self.dtype is None else {"dtype": self.dtype}
+        spec = normzoo.make(self.norm, **kw)
+        norm = functools.partial(spec.norm, train=train)
+        x = spec.conv(8, (3, 3), **kw)(x)
+        x = nn.relu(norm()(x))
+        x = spec.conv(8, (3, 3), strides=2, **kw)(x)
+        x = nn.relu(spec.late_norm(train=train)(x))
+        return spec.dense(3, **kw)(x.mean((1, 2)))
+
+
+@pytest.fixture(scope="module")
+def batch():
+    x = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype(np.float32) + 2.0
+    return jnp.asarray(x)
+
+
+def _run(model, variables, x, train):
+    return model.apply(variables, x, train=train, mutable=["batch_stats"])
+
+
+@pytest.mark.parametrize("name", normzoo.available())
+def test_jit_equals_eager_and_gradients_finite(name, batch):
+    model = TinyNet(name)
+    variables = model.init(jax.random.key(0), batch, train=True)
+    with jax.disable_jit():
+        eager, eager_upd = _run(model, variables, batch, True)
+    jitted, jit_upd = jax.jit(functools.partial(_run, model), static_argnums=2)(variables, batch, True)
+    np.testing.assert_allclose(eager, jitted, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), eager_upd, jit_upd)
+    ev = jax.jit(functools.partial(_run, model), static_argnums=2)(variables, batch, False)[0]
+    assert np.all(np.isfinite(ev))
+
+    def loss(params):
+        y, _ = _run(model, {**variables, "params": params}, batch, True)
+        return jnp.mean(y**2)
+
+    grads = jax.jit(jax.grad(loss))(variables["params"])
+    leaves = jax.tree.leaves(grads)
+    assert leaves and all(np.all(np.isfinite(g)) for g in leaves)
+    assert any(np.any(g != 0) for g in leaves)
+
+
+@pytest.mark.parametrize("name", normzoo.available())
+def test_bfloat16_in_bfloat16_out(name, batch):
+    model = TinyNet(name, dtype=jnp.bfloat16)
+    x = batch.astype(jnp.bfloat16)
+    variables = model.init(jax.random.key(0), x, train=True)
+    y, upd = _run(model, variables, x, True)
+    assert y.dtype == jnp.bfloat16
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))
+    assert all(s.dtype in (jnp.float32, jnp.int32) for s in jax.tree.leaves(upd))
+    assert np.all(np.isfinite(np.asarray(y, np.float32)))
+    y32, _ = _run(TinyNet(name), variables, batch, True)
+    np.testing.assert_allclose(np.asarray(y, np.float32), y32, atol=0.15, rtol=0.1)
+
+
+@pytest.mark.parametrize("name", normzoo.available())
+def test_eval_shape_matches(name, batch):
+    model = TinyNet(name)
+    shapes = jax.eval_shape(functools.partial(model.init, train=True), jax.random.key(0), batch)
+    variables = model.init(jax.random.key(0), batch, train=True)
+    assert jax.tree.map(lambda s: (s.shape, s.dtype), shapes) == jax.tree.map(lambda a: (a.shape, a.dtype), variables)
+    out = jax.eval_shape(functools.partial(_run, model, train=False), variables, batch)
+    assert out[0].shape == (4, 3)

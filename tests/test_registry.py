@@ -1,0 +1,70 @@
+"""The registry: one string switches the normalizer."""
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+import normzoo
+
+NAMES = ["batch", "batch_renorm", "instance", "layer", "group", "rms", "weight", "cosine", "ibn", "none"]
+
+
+def test_available_lists_every_name():
+    assert normzoo.available() == NAMES
+
+
+@pytest.mark.parametrize("name,norm_cls,conv_cls", [
+    ("batch", normzoo.BatchNorm, nn.Conv), ("batch_renorm", normzoo.BatchRenorm, nn.Conv),
+    ("instance", normzoo.InstanceNorm, nn.Conv), ("layer", normzoo.LayerNorm, nn.Conv),
+    ("group", normzoo.GroupNorm, nn.Conv), ("rms", normzoo.RMSNorm, nn.Conv),
+    ("weight", normzoo.Identity, normzoo.WeightNormConv), ("cosine", normzoo.Identity, normzoo.CosineConv),
+    ("ibn", normzoo.IBN, nn.Conv), ("none", normzoo.Identity, nn.Conv),
+])
+def test_make_returns_the_right_layers(name, norm_cls, conv_cls):
+    spec = normzoo.make(name)
+    assert spec.name == name
+    assert type(spec.norm(train=True)) is norm_cls
+    assert type(spec.conv(4, (3, 3))) is conv_cls
+    assert spec.is_identity == (norm_cls is normzoo.Identity)
+
+
+def test_train_flag_reaches_batch_layers():
+    spec = normzoo.make("batch")
+    assert spec.norm(train=True).use_running_average is False
+    assert spec.norm(train=False).use_running_average is True
+
+
+def test_overrides_reach_the_layer():
+    spec = normzoo.make("batch_renorm", r_max=2.0, warmup_steps=10)
+    layer = spec.norm(train=True)
+    assert (layer.r_max, layer.warmup_steps) == (2.0, 10)
+    assert normzoo.make("cosine", use_scale=True).dense(3).use_scale
+    assert normzoo.make("group", num_groups=2).norm().num_groups == 2
+
+
+def test_weight_mean_only_option_and_ibn_late_norm():
+    spec = normzoo.make("weight", mean_only_bn=True)
+    assert type(spec.norm(train=True)) is normzoo.MeanOnlyBatchNorm and not spec.is_identity
+    ibn = normzoo.make("ibn", ratio=0.25, momentum=0.9)
+    late = ibn.late_norm(train=True)
+    assert type(late) is normzoo.BatchNorm and late.momentum == 0.9
+    assert ibn.norm(train=True).ratio == 0.25
+
+
+def test_identity_returns_input():
+    x = np.arange(6.0).reshape(2, 3)
+    y, v = normzoo.make("none").norm(train=True).init_with_output(jax.random.key(0), x, mask=None)
+    np.testing.assert_array_equal(y, x)
+    assert v == {}
+
+
+def test_unknown_name_lists_known_ones():
+    with pytest.raises(ValueError, match=r"unknown normalizer 'batchnorm'; known names: batch, batch_renorm, .*none"):
+        normzoo.make("batchnorm")
+
+
+@pytest.mark.parametrize("name,bad", [("batch", "r_max"), ("cosine", "momentum"), ("none", "epsilon")])
+def test_unknown_override_names_the_valid_fields(name, bad):
+    with pytest.raises(TypeError, match=rf"make\('{name}'\): \['{bad}'\] are not fields of .*valid overrides"):
+        normzoo.make(name, **{bad: 1})
