@@ -64,7 +64,7 @@ class LayerNorm(_SampleFamily):
       >>> import normzoo
       >>> x = jnp.array([[1.0, 2.0, 3.0], [1e4, 1e4 + 1.0, 1e4 + 2.0]])
       >>> y, _ = normzoo.LayerNorm().init_with_output(jax.random.key(0), x)
-      >>> jnp.round(y, 3).tolist()
+      >>> [[round(float(v), 3) for v in row] for row in y]
       [[-1.225, 0.0, 1.225], [-1.225, 0.0, 1.225]]
 
     Attributes:
@@ -101,8 +101,8 @@ class RMSNorm(_SampleFamily):
       >>> import jax, jax.numpy as jnp
       >>> import normzoo
       >>> y, _ = normzoo.RMSNorm().init_with_output(jax.random.key(0), jnp.array([[3.0, 4.0]]))
-      >>> jnp.round(y * jnp.sqrt(12.5), 3).tolist()
-      [[3.0, 4.0]]
+      >>> [round(float(v), 3) for v in (y * jnp.sqrt(12.5))[0]]
+      [3.0, 4.0]
 
     Attributes:
       epsilon, dtype, param_dtype, use_scale, scale_init, reduction_axes, feature_axes,
