@@ -4,7 +4,7 @@ from normzoo._batch import BatchNorm, BatchRenorm, MeanOnlyBatchNorm
 from normzoo._composite import IBN
 from normzoo._registry import Identity, Normalizer, available, make
 from normzoo._sample import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
-from normzoo._stats import moments
+from normzoo._stats import moments, sync_batch_stats
 from normzoo._weight import CosineConv, CosineDense, WeightNormConv, WeightNormDense
 
 __version__ = "0.1.0"
@@ -27,4 +27,5 @@ __all__ = [
     "available",
     "make",
     "moments",
+    "sync_batch_stats",
 ]

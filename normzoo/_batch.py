@@ -136,11 +136,11 @@ class _BatchFamily(nn.Module):
             if axis_name is not None:
                 # Ghost statistics stay local; only the running averages are synced so
                 # that every replica keeps identical batch_stats.
-                both = _stats._all_gather(
+                both, member = _stats.gather_all(
                     jnp.stack([batch_mean, batch_var]), axis_name, self.axis_index_groups,
                     layer=layer,
                 )
-                batch_mean, batch_var = jnp.mean(both[:, 0], 0), jnp.mean(both[:, 1], 0)
+                batch_mean, batch_var = _stats.group_mean(both, member)
             m, inv, offset = self._train_map(
                 mean, var, old_mean[None], None if old_var is None else old_var[None], steps
             )
@@ -182,9 +182,11 @@ class BatchNorm(_BatchFamily):
     algorithm (flax's default ``E[x^2] - E[x]^2`` returns garbage for float32 inputs with
     ``|mean| >> std``); ``use_fast_variance`` is accepted for compatibility and has no
     effect. With ``axis_name`` the statistics are combined across devices with one
-    ``all_gather`` of per-device ``(count, mean, M2)`` and Chan's formula, which is
-    stable, count-weighted (correct under masks) and works with ``axis_index_groups``
-    under ``shard_map``.
+    ``psum`` that hands every device all per-device ``(count, mean, M2)`` triples, and
+    Chan's formula; this is stable, count-weighted (correct under masks and uneven
+    batches) and works with ``axis_index_groups`` under ``shard_map``. Under ``jit``
+    with a batch sharded by ``NamedSharding`` leave ``axis_name=None``: the compiler
+    reduces across devices itself.
 
     Example:
       >>> import jax, jax.numpy as jnp

@@ -14,15 +14,17 @@ Numerics (why it looks the way it does):
   which loses every significant digit when ``|mean| >> std`` (x ~ N(1e4, 1)).
   The pilot is held constant for autodiff (``stop_gradient``); the formulas are
   exact for any constant pilot, so gradients are exact too.
-* Across devices (``axis_name`` set) the per-device triples are exchanged with a
-  single ``all_gather`` and combined on every device with Chan's parallel
-  formula ``M2 = sum_i M2_i + sum_i n_i (m_i - m)^2``. This is one collective,
-  stays stable for large means (no device ever adds squares of large numbers),
-  and weights every device by its number of valid elements, so masks and
-  uneven batches give the statistics of the union of valid elements. It is the
-  scheme PyTorch's SyncBatchNorm uses (gather mean/var/count, then combine).
-  ``all_gather`` also accepts ``axis_index_groups`` under ``shard_map``, where
-  ``psum`` with groups is not implemented.
+* Across devices (``axis_name`` set) every device writes its triple into its own
+  slot of a zero array and a single ``psum`` hands every device all the triples
+  (adding zeros is exact). Each device then combines them with Chan's parallel
+  formula ``M2 = sum_i M2_i + sum_i n_i (m_i - m)^2``. This is one all-reduce per
+  call, stays stable for large means (no device ever subtracts squares of large
+  numbers), and weights every device by its number of valid elements, so masks
+  and uneven batches give the statistics of the union of valid elements (the
+  scheme of PyTorch's SyncBatchNorm, which all-gathers mean/var/count).
+  ``axis_index_groups`` become a static membership mask over the slots, which
+  works under ``shard_map`` too (``psum`` with groups does not), and without
+  groups ``shard_map`` can infer that the statistics are replicated.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.linen import dtypes as flax_dtypes
 from jax import lax
 
@@ -101,7 +104,8 @@ def check_mask(mask: Array | None, x: Array, *, layer: str) -> Array | None:
     return jnp.broadcast_to(mask, x.shape)
 
 
-def _check_groups(axis_name: str, axis_index_groups: Any, *, layer: str) -> None:
+def _check_groups(axis_name: str, axis_index_groups: Any, *, layer: str) -> int:
+    """Returns the size of ``axis_name``, raising clear errors for bad axes and groups."""
     try:
         size = lax.axis_size(axis_name)
     except NameError:
@@ -110,7 +114,7 @@ def _check_groups(axis_name: str, axis_index_groups: Any, *, layer: str) -> None
             + _UNBOUND_AXIS_HELP.format(name=axis_name)
         ) from None
     if axis_index_groups is None:
-        return
+        return size
     try:
         groups = [[int(i) for i in g] for g in axis_index_groups]
     except TypeError:
@@ -126,11 +130,42 @@ def _check_groups(axis_name: str, axis_index_groups: Any, *, layer: str) -> None
             f"{axis_name!r} into groups of equal size, each index in exactly one group "
             f"(e.g. {[list(range(0, size // 2)), list(range(size // 2, size))]!r})."
         )
+    return size
 
 
-def _all_gather(x: Array, axis_name: str, axis_index_groups: Any, *, layer: str) -> Array:
-    _check_groups(axis_name, axis_index_groups, layer=layer)
-    return lax.all_gather(x, axis_name, axis_index_groups=axis_index_groups)
+def gather_all(
+    x: Array, axis_name: str, axis_index_groups: Any = None, *, layer: str
+) -> tuple[Array, Array | None]:
+    """Every device's ``x`` stacked on a new leading axis, with one ``psum``.
+
+    Returns ``(stacked, member)``: ``stacked[i]`` is device ``i``'s ``x`` (shape
+    ``(axis_size,) + x.shape``) and ``member`` a boolean ``(axis_size,)`` mask of the
+    devices in this device's group (None without groups: every device).
+    """
+    size = _check_groups(axis_name, axis_index_groups, layer=layer)
+    idx = lax.axis_index(axis_name)
+    mine = jnp.arange(size) == idx
+    # `where`, not a one-hot product: a NaN/inf on one device must not leak into other slots.
+    slots = jnp.where(jnp.reshape(mine, (size,) + (1,) * x.ndim), x[None], jnp.zeros_like(x)[None])
+    stacked = lax.psum(slots, axis_name)
+    if axis_index_groups is None:
+        return stacked, None
+    table = np.zeros((size, size), bool)
+    for g in axis_index_groups:
+        table[np.ix_(list(g), list(g))] = True
+    return stacked, jnp.asarray(table)[idx]
+
+
+def _member_view(member: Array | None, like: Array) -> Array | None:
+    return None if member is None else jnp.reshape(member, (-1,) + (1,) * (like.ndim - 1))
+
+
+def group_mean(stacked: Array, member: Array | None) -> Array:
+    """Mean over the leading (device) axis of ``stacked``, within this device's group."""
+    if member is None:
+        return jnp.mean(stacked, 0)
+    w = _member_view(member, stacked).astype(stacked.dtype)
+    return jnp.sum(stacked * w, 0) / jnp.sum(member)
 
 
 def local_moments(
@@ -203,7 +238,7 @@ def moments(
       use_mean: if False the mean is zero and the "variance" is the mean square.
       dtype: minimal dtype of the statistics (promoted to at least float32).
       axis_name: mapped axis to reduce over as well (pmap / shard_map), with one
-        ``all_gather``.
+        ``psum``.
       axis_index_groups: optional partition of ``axis_name``'s indices; statistics
         are combined within each group only.
       layer: name used in error messages.
@@ -223,11 +258,53 @@ def moments(
     mask = check_mask(mask, x, layer=layer)
     count, mean, m2 = local_moments(x, axes, mask, use_mean)
     if axis_name is not None:
-        stacked = _all_gather(
+        stacked, member = gather_all(
             jnp.stack([count, mean, m2]), axis_name, axis_index_groups, layer=layer
         )
-        count, mean, m2 = combine_moments(stacked[:, 0], stacked[:, 1], stacked[:, 2])
+        n_i = stacked[:, 0]
+        if member is not None:  # devices outside this group count for nothing
+            n_i = jnp.where(_member_view(member, n_i), n_i, 0)
+        count, mean, m2 = combine_moments(n_i, stacked[:, 1], jnp.where(n_i > 0, stacked[:, 2], 0))
     return mean, m2 / jnp.maximum(count, 1)
+
+
+def sync_batch_stats(batch_stats: Any, axis_name: str, axis_index_groups: Any = None) -> Any:
+    """Averages running statistics across devices, for training without synced BN.
+
+    Call it inside ``pmap`` / ``shard_map`` (e.g. before evaluation or checkpointing) so that
+    every replica holds the same ``batch_stats``. Float leaves are averaged with one
+    ``psum`` for the whole tree; integer leaves (BatchRenorm's step counter) take the
+    maximum with a second one. Outside a mapped context, on the stacked per-device
+    statistics that ``pmap`` returns, the equivalent is ``jax.tree.map(lambda a: a.mean(0), s)``.
+
+    Args:
+      batch_stats: the ``batch_stats`` collection (any pytree of arrays).
+      axis_name: the mapped axis holding the replicas.
+      axis_index_groups: optional partition of the axis; averages within each group.
+
+    Returns:
+      The same pytree, identical on every device of a group.
+    """
+    leaves, treedef = jax.tree.flatten(batch_stats)
+    out = list(leaves)
+    for is_float in (True, False):
+        idx = [i for i, a in enumerate(leaves) if jnp.issubdtype(a.dtype, jnp.floating) == is_float]
+        if not idx:
+            continue
+        dt = jnp.float32 if is_float else jnp.int32
+        flat = jnp.concatenate([jnp.ravel(leaves[i]).astype(dt) for i in idx])
+        stacked, member = gather_all(flat, axis_name, axis_index_groups, layer="sync_batch_stats")
+        if is_float:
+            reduced = group_mean(stacked, member)
+        else:
+            lowest = jnp.iinfo(dt).min
+            reduced = jnp.max(stacked if member is None else jnp.where(member[:, None], stacked, lowest), 0)
+        start = 0
+        for i in idx:
+            a = leaves[i]
+            out[i] = jnp.reshape(reduced[start:start + a.size], a.shape).astype(a.dtype)
+            start += a.size
+    return jax.tree.unflatten(treedef, out)
 
 
 def param_with_shape(mdl, name: str, init, shape: tuple[int, ...], dtype, *, what: str):
@@ -321,6 +398,8 @@ __all__ = [
     "canonicalize_axes",
     "check_mask",
     "combine_moments",
+    "gather_all",
+    "group_mean",
     "expand",
     "feature_view",
     "local_moments",
@@ -328,5 +407,6 @@ __all__ = [
     "normalize",
     "param_with_shape",
     "stats_dtype",
+    "sync_batch_stats",
     "variable_with_shape",
 ]
