@@ -132,8 +132,10 @@ class GroupNorm(_SampleFamily):
 
     .. math:: y_{n,\dots,c} = \gamma_c \frac{x_{n,\dots,c} - \mu_{n,g(c)}}{\sqrt{\sigma^2_{n,g(c)} + \epsilon}} + \beta_c
 
-    The statistics are computed on a ``(..., groups, group_size)`` view and normalized
-    in that view, so no per-channel copies of the statistics are made.
+    Statistics are computed per channel over the spatial axes, in the input's own layout,
+    and the channels of each group are then merged with Chan's parallel formula (the same
+    one that merges devices); only these small per-(example, channel) statistics are
+    regrouped, so the activations are never reshaped or copied.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -193,26 +195,34 @@ class GroupNorm(_SampleFamily):
                     f"channels of the input (shape {tuple(x.shape)}); choose a divisor of "
                     f"{channels}, or set group_size instead."
                 )
-        grouped = x.shape[:-1] + (groups, channels // groups)
-        xg = jnp.reshape(x, grouped)
-        mg = None
-        if mask is not None:
-            mg = jnp.reshape(_stats.check_mask(mask, x, layer=layer), grouped)
-        # In the grouped view the channel axis becomes (groups, size); reduce over size.
-        red_g = red[:-1] + (x.ndim,)
-        mean, var = _stats.moments(
-            xg, red_g, mask=mg, dtype=self.dtype, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, layer=layer,
-        )
-        view = (1,) * (x.ndim - 1) + (groups, channels // groups)
-        y = _stats.normalize(
-            self, xg, _stats.expand(mean, red_g),
-            _stats.expand(lax.rsqrt(var + self.epsilon), red_g),
-            param_shape=(channels,), param_view=view, dtype=self.dtype,
+        size = channels // groups
+        spatial = red[:-1]
+        if spatial:
+            # Per-channel (count, mean, M2) over the spatial axes in the natural layout, then
+            # Chan's combination across the channels of each group: only the small (N, C)
+            # statistics are regrouped, never the activations.
+            count, mean, m2 = _stats.synced_moments(
+                x, spatial, mask=mask, dtype=self.dtype, axis_name=self.axis_name,
+                axis_index_groups=self.axis_index_groups, layer=layer,
+            )
+            g = lambda a: jnp.reshape(jnp.broadcast_to(a, mean.shape), mean.shape[:-1] + (groups, size))  # noqa: E731
+            count, gmean, gm2 = _stats.combine_moments(g(count), g(mean), g(m2), axis=-1)
+        else:
+            xg = jnp.reshape(x, x.shape[:-1] + (groups, size))
+            mg = None if mask is None else jnp.reshape(_stats.check_mask(mask, x, layer=layer), xg.shape)
+            count, gmean, gm2 = _stats.synced_moments(
+                xg, (x.ndim,), mask=mg, dtype=self.dtype, axis_name=self.axis_name,
+                axis_index_groups=self.axis_index_groups, layer=layer,
+            )
+        ginv = lax.rsqrt(gm2 / jnp.maximum(count, 1) + self.epsilon)
+        # Back to one value per channel (tiny arrays), broadcast over the spatial axes.
+        per_channel = lambda a: _stats.expand(jnp.repeat(a, size, axis=-1), spatial)  # noqa: E731
+        return _stats.normalize(
+            self, x, per_channel(gmean), per_channel(ginv),
+            param_shape=(channels,), param_view=(1,) * (x.ndim - 1) + (channels,), dtype=self.dtype,
             param_dtype=self.param_dtype, use_bias=self.use_bias, use_scale=self.use_scale,
             bias_init=self.bias_init, scale_init=self.scale_init,
         )
-        return jnp.reshape(y, x.shape)
 
 
 class InstanceNorm(_SampleFamily):

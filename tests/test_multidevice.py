@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -69,7 +70,7 @@ def _reference(name, x, w):
 
 
 def _assert_same(got, want, rtol=1e-5, atol=1e-5):
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol), got, want)
+    chex.assert_trees_all_close(got, want, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
