@@ -25,7 +25,8 @@ def test_layer_benchmark_on_tiny_shapes(tmp_path, monkeypatch):
     json.dumps(result)
 
 
-@pytest.mark.parametrize("argv", [["--width=2", "--batch=8", "--rounds=1"]])
+@pytest.mark.slow
+@pytest.mark.parametrize("argv", [["--width=4", "--batch=8", "--rounds=1"]])
 def test_training_benchmark_runs(tmp_path, argv):
     training.main(argv + [f"--out={tmp_path}"])
     result = json.loads((tmp_path / "training.json").read_text())
