@@ -50,6 +50,14 @@ class _SampleFamily(nn.Module):
         )
 
 
+    def _apply_over_axes(self, x, mask, *, use_mean):
+        """LayerNorm/RMSNorm: statistics over ``reduction_axes``, parameters over ``feature_axes``."""
+        layer = type(self).__name__
+        red = _stats.canonicalize_axes(x.ndim, self.reduction_axes, argument="reduction_axes", layer=layer)
+        feat = _stats.canonicalize_axes(x.ndim, self.feature_axes, argument="feature_axes", layer=layer)
+        return self._apply(x, mask, red, feat, use_mean=use_mean)
+
+
 class LayerNorm(_SampleFamily):
     r"""Layer normalization (Ba et al. 2016, arXiv:1607.06450); drop-in for ``flax.linen.LayerNorm``.
 
@@ -86,10 +94,7 @@ class LayerNorm(_SampleFamily):
     @nn.compact
     def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
         """Normalizes ``x``; ``mask`` (boolean, broadcastable) selects what enters the statistics."""
-        layer = type(self).__name__
-        red = _stats.canonicalize_axes(x.ndim, self.reduction_axes, argument="reduction_axes", layer=layer)
-        feat = _stats.canonicalize_axes(x.ndim, self.feature_axes, argument="feature_axes", layer=layer)
-        return self._apply(x, mask, red, feat)
+        return self._apply_over_axes(x, mask, use_mean=True)
 
 
 class RMSNorm(_SampleFamily):
@@ -116,10 +121,7 @@ class RMSNorm(_SampleFamily):
     @nn.compact
     def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
         """Normalizes ``x`` by its root mean square over ``reduction_axes``."""
-        layer = type(self).__name__
-        red = _stats.canonicalize_axes(x.ndim, self.reduction_axes, argument="reduction_axes", layer=layer)
-        feat = _stats.canonicalize_axes(x.ndim, self.feature_axes, argument="feature_axes", layer=layer)
-        return self._apply(x, mask, red, feat, use_mean=False)
+        return self._apply_over_axes(x, mask, use_mean=False)
 
 
 class GroupNorm(_SampleFamily):
