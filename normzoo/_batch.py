@@ -109,9 +109,7 @@ class _BatchFamily(nn.Module):
         )
         if use_ra:
             mean, inv = self._eval_map(ra_mean.value, None if ra_var is None else ra_var.value)
-            mean = jnp.reshape(mean, view)
-            inv = jnp.reshape(inv, view) if jnp.ndim(inv) else inv
-            return _stats.normalize(self, x, mean, inv, **affine)
+            return _stats.normalize(self, x, jnp.reshape(mean, view), jnp.reshape(inv, view), **affine)
 
         mask = _stats.check_mask(mask, x, layer=layer)
         # Under `init` the mapped axis need not exist yet (flax does the same).

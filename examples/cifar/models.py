@@ -30,10 +30,6 @@ def _head_kwargs(spec: normzoo.Normalizer) -> dict[str, Any]:
     return {}
 
 
-def _norm_kwargs(overrides: Sequence[tuple[str, Any]]) -> dict[str, Any]:
-    return dict(overrides)
-
-
 class _Block(nn.Module):
     """Basic residual block (two 3x3 convolutions) with the "option A" identity shortcut."""
 
@@ -87,7 +83,7 @@ class ResNet20(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        spec = normzoo.make(self.norm, **_norm_kwargs(self.norm_overrides))
+        spec = normzoo.make(self.norm, **dict(self.norm_overrides))
         conv = functools.partial(spec.conv, use_bias=spec.is_identity, dtype=self.dtype)
         early = functools.partial(spec.norm, train=train, dtype=self.dtype)
         late = functools.partial(spec.late_norm, train=train, dtype=self.dtype)
@@ -119,7 +115,7 @@ class VGG(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        spec = normzoo.make(self.norm, **_norm_kwargs(self.norm_overrides))
+        spec = normzoo.make(self.norm, **dict(self.norm_overrides))
         x = jnp.asarray(x, self.dtype)
         for s, widths in enumerate(self.stages):
             norm = spec.norm if s < 2 else spec.late_norm
