@@ -52,12 +52,13 @@ class Case:
 SHAPES = {
     "cifar_early": (128, 32, 32, 16),
     "cifar_late": (128, 8, 8, 64),
+    "cifar_wide": (128, 32, 32, 64),  # the shape of the GroupNorm vs BatchNorm figure in issue 5
     "imagenet": (64, 56, 56, 256),
     "transformer": (16, 512, 1024),
     "dense": (1024, 512),
     "conv": (128, 16, 16, 32),
 }
-QUICK = {"cifar_early", "cifar_late", "dense", "conv"}
+QUICK = {"cifar_early", "cifar_late", "cifar_wide", "dense", "conv"}
 CNN = ("cifar_early", "cifar_late", "imagenet")
 
 
@@ -72,7 +73,11 @@ def cases() -> list[Case]:
         Case("IBN (train)", bn(normzoo.IBN), bn(nn.BatchNorm), "nn.BatchNorm", "norm", CNN),
         Case("InstanceNorm", normzoo.InstanceNorm, nn.InstanceNorm, "nn.InstanceNorm", "norm", CNN),
         Case("GroupNorm (4 groups)", lambda: normzoo.GroupNorm(num_groups=4),
-             lambda: nn.GroupNorm(num_groups=4), "nn.GroupNorm", "norm", CNN),
+             lambda: nn.GroupNorm(num_groups=4), "nn.GroupNorm", "norm", CNN + ("cifar_wide",)),
+        Case("GroupNorm (32 groups)", lambda: normzoo.GroupNorm(num_groups=32),
+             lambda: nn.GroupNorm(num_groups=32), "nn.GroupNorm", "norm", ("cifar_wide",)),
+        Case("GroupNorm (32 groups)", lambda: normzoo.GroupNorm(num_groups=32),
+             bn(nn.BatchNorm), "nn.BatchNorm", "norm", ("cifar_wide",)),
         Case("LayerNorm", normzoo.LayerNorm, nn.LayerNorm, "nn.LayerNorm", "norm", CNN[:2] + ("transformer",)),
         Case("RMSNorm", normzoo.RMSNorm, nn.RMSNorm, "nn.RMSNorm", "norm", CNN[:2] + ("transformer",)),
         Case("WeightNormDense", lambda: normzoo.WeightNormDense(512), lambda: nn.WeightNorm(nn.Dense(512)),

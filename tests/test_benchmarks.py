@@ -9,12 +9,12 @@ from benchmarks import layers, training
 
 def test_layer_benchmark_on_tiny_shapes(tmp_path, monkeypatch):
     tiny = {"cifar_early": (4, 4, 4, 8), "cifar_late": (4, 2, 2, 8), "imagenet": (2, 4, 4, 8),
-            "transformer": (2, 4, 16), "dense": (4, 8), "conv": (2, 4, 4, 3)}
+            "transformer": (2, 4, 16), "dense": (4, 8), "conv": (2, 4, 4, 3), "cifar_wide": (2, 2, 2, 32)}
     result = layers.run(rounds=1, min_time=0.0, shapes=tiny)
     rows = result["rows"]
     names = {r["layer"] for r in rows}
     assert {"BatchNorm (train)", "BatchNorm (eval)", "BatchRenorm (train)", "IBN (train)", "InstanceNorm",
-            "GroupNorm (4 groups)", "LayerNorm", "RMSNorm", "WeightNormDense", "WeightNormConv",
+            "GroupNorm (4 groups)", "GroupNorm (32 groups)", "LayerNorm", "RMSNorm", "WeightNormDense", "WeightNormConv",
             "CosineDense", "CosineConv"} <= names
     assert {r["dtype"] for r in rows} == {"float32", "bfloat16"} and {r["pass"] for r in rows} == {"fwd", "fwd+bwd"}
     for r in rows:
