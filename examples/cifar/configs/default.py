@@ -42,10 +42,13 @@ def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
     c.norm_overrides = ""           # fields of the normalizer: "r_max=2.0,warmup_steps=100"
     if preset in ("smoke", "small_batch"):  # 2 CPU cores: all ten names in under 20 minutes
         c.width = 8
-        c.batch_size = 64           # twice the updates of batch 128 for the same images
+        # Small batches: more updates for the same images, and on a CPU core they run faster
+        # per image (measured, BatchNorm, one thread: batch 16 0.647 at 309 img/s; batch 32
+        # 0.638 at 290 img/s; batch 64 0.603 at 283 img/s).
+        c.batch_size = 16 if preset == "smoke" else 64
         c.num_epochs = 1.0
         c.warmup_epochs = 0.05
-        c.learning_rate = 0.2       # -> 0.1 at batch 64
+        c.learning_rate = 0.2       # at batch 128: 0.025 at batch 16, 0.1 at batch 64
         c.weight_decay = 5e-4
         c.augment = "flip"          # crops slow learning down in a sub-epoch budget
         c.small_batch = False       # its own preset, below
