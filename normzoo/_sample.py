@@ -31,6 +31,9 @@ class _SampleFamily(nn.Module):
     axis_index_groups: Any = None
     use_fast_variance: bool = True
 
+    # Return the AffineMap instead of applying it (set by IBN's parts; not a dataclass field).
+    _return_map = False
+
     def _apply(self, x, mask, reduction_axes, feature_axes, *, use_mean=True, stats=None):
         """Normalizes ``x`` over ``reduction_axes`` with per-``feature_axes`` params."""
         if stats is None:
@@ -47,6 +50,7 @@ class _SampleFamily(nn.Module):
             param_view=_stats.feature_view(x.ndim, feature_axes, x.shape),
             dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.use_bias and use_mean,
             use_scale=self.use_scale, bias_init=self.bias_init, scale_init=self.scale_init,
+            return_map=self._return_map,
         )
 
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -370,6 +370,25 @@ def variable_with_shape(mdl, collection: str, name: str, init, shape, *, what: s
     return mdl.variable(collection, name, init, tuple(shape))
 
 
+class AffineMap(NamedTuple):
+    """``y = ((x - mean) * mul + add).astype(dtype)``: a normalizer with its statistics folded in.
+
+    ``mean``, ``mul`` and ``add`` broadcast against the input (``add`` may be None). Layers
+    built from others (IBN) collect their parts' maps and apply them in one pass over ``x``.
+    """
+
+    mean: Array
+    mul: Array
+    add: Array | None
+    dtype: Any
+
+    def __call__(self, x: Array) -> Array:
+        y = (jnp.asarray(x, self.mean.dtype) - self.mean) * self.mul
+        if self.add is not None:
+            y = y + self.add
+        return jnp.asarray(y, self.dtype)
+
+
 def normalize(
     mdl,
     x: Array,
@@ -385,16 +404,17 @@ def normalize(
     bias_init,
     scale_init,
     offset: Array | None = None,
-) -> Array:
+    return_map: bool = False,
+) -> Array | AffineMap:
     """``y = (x - mean) * inv * scale + offset * scale + bias`` in the stats dtype.
 
     ``mean``, ``inv`` (1/std, possibly times BatchRenorm's r) and ``offset``
     (BatchRenorm's d) broadcast against ``x``; the learned ``scale`` and ``bias``
     have ``param_shape`` and are reshaped to ``param_view`` to broadcast. The
     result dtype follows flax.linen: ``dtype`` if given, else the promotion of
-    the input and the parameters used.
+    the input and the parameters used. With ``return_map`` the :class:`AffineMap`
+    is returned instead of being applied to ``x``.
     """
-    xs = jnp.asarray(x, mean.dtype)
     mul = inv
     args = [x]
     scale = None
@@ -405,16 +425,18 @@ def normalize(
         args.append(scale)
         scale = jnp.reshape(scale, param_view)
         mul = mul * scale
-    y = (xs - mean) * mul
+    add = None
     if offset is not None:
-        y = y + (offset if scale is None else offset * scale)
+        add = offset if scale is None else offset * scale
     if use_bias:
         bias = param_with_shape(
             mdl, "bias", bias_init, param_shape, param_dtype, what="feature shape"
         )
         args.append(bias)
-        y = y + jnp.reshape(bias, param_view)
-    return jnp.asarray(y, flax_dtypes.canonicalize_dtype(*args, dtype=dtype))
+        bias = jnp.reshape(bias, param_view)
+        add = bias if add is None else add + bias
+    amap = AffineMap(mean, mul, add, flax_dtypes.canonicalize_dtype(*args, dtype=dtype))
+    return amap if return_map else amap(x)
 
 
 def expand(stat: Array, axes: tuple[int, ...]) -> Array:
@@ -431,6 +453,7 @@ def feature_view(rank: int, feature_axes: tuple[int, ...], shape) -> tuple[int, 
 
 
 __all__ = [
+    "AffineMap",
     "canonicalize_axes",
     "check_mask",
     "combine_moments",

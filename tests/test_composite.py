@@ -55,3 +55,45 @@ def test_ibn_gradients_finite_on_constant_channel(ratio):
     v = layer.init(jax.random.key(0), x)
     g = jax.grad(lambda x: jnp.sum(layer.apply(v, x, mutable=["batch_stats"])[0] ** 2))(x)
     assert np.all(np.isfinite(g))
+
+
+def _split_reference(layer, variables, x, mask=None, **bn_kw):
+    """IBN written out as the split-normalize-concatenate of its definition, with its variables."""
+    k = int(x.shape[-1] * layer.ratio)
+    p, s = variables["params"], variables["batch_stats"]
+    inn = normzoo.InstanceNorm(epsilon=layer.epsilon)
+    bn = normzoo.BatchNorm(use_running_average=False, epsilon=layer.epsilon, **bn_kw)
+    m = (None, None) if mask is None else (mask[..., :k], mask[..., k:])
+    y_in = inn.apply({"params": p["IN"]}, x[..., :k], mask=m[0])
+    y_bn, upd = bn.apply({"params": p["BN"], "batch_stats": s["BN"]}, x[..., k:], mask=m[1],
+                         mutable=["batch_stats"])
+    return jnp.concatenate([y_in, y_bn], -1), upd["batch_stats"]
+
+
+@pytest.mark.parametrize("extra", [{}, {"virtual_batch_size": 2}, {"masked": True}])
+def test_ibn_one_pass_equals_split_definition_with_gradients(extra):
+    """The joined affine maps give the split definition's outputs, statistics and gradients."""
+    x = make_input("large_mean", SHAPE, seed=3)
+    kw = {k: v for k, v in extra.items() if k != "masked"}
+    mask = None
+    if extra.get("masked"):
+        mask = jnp.asarray(np.random.default_rng(0).random(SHAPE) < 0.7)
+    layer = normzoo.IBN(ratio=0.25, use_running_average=False, **kw)
+    v = layer.init(jax.random.key(0), x)
+    rng = np.random.default_rng(1)
+    v = jax.tree.map(lambda a: jnp.asarray(rng.normal(1.0, 0.3, a.shape), a.dtype), v)  # non-trivial params
+    w = jnp.asarray(rng.normal(size=SHAPE), jnp.float32)
+
+    def ours(params, x):
+        y, upd = layer.apply({**v, "params": params}, x, mask=mask, mutable=["batch_stats"])
+        return jnp.sum(y * w), (y, upd["batch_stats"]["BN"])
+
+    def theirs(params, x):
+        y, stats = _split_reference(layer, {**v, "params": params}, x, mask, **kw)
+        return jnp.sum(y * w), (y, stats)
+
+    (_, (y1, s1)), g1 = jax.value_and_grad(ours, argnums=(0, 1), has_aux=True)(v["params"], x)
+    (_, (y2, s2)), g2 = jax.value_and_grad(theirs, argnums=(0, 1), has_aux=True)(v["params"], x)
+    np.testing.assert_allclose(y1, y2, rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), s1, s2)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), g1, g2)
