@@ -111,10 +111,10 @@ class _BatchFamily(nn.Module):
         )
         if use_ra:
             mean, inv = self._eval_map(ra_mean.value, None if ra_var is None else ra_var.value)
-            return _stats.normalize(
-                self, x, jnp.reshape(mean, view), jnp.reshape(inv, view),
-                return_map=self._return_map, **affine,
+            amap = _stats.normalize(
+                self, x, jnp.reshape(mean, view), jnp.reshape(inv, view), return_map=True, **affine
             )
+            return amap if self._return_map else amap(x)
 
         mask = _stats.check_mask(mask, x, layer=layer)
         # Under `init` the mapped axis need not exist yet (flax does the same).
@@ -149,20 +149,20 @@ class _BatchFamily(nn.Module):
             )
             m, inv = jnp.reshape(m, ghost_view), jnp.reshape(inv, ghost_view)
             offset = None if offset is None else jnp.reshape(offset, ghost_view)
-            y = _stats.normalize(self, xs, m, inv, offset=offset, return_map=self._return_map, **affine)
-            if self._return_map:  # per-ghost-batch maps, repeated for each example
-                per_example = lambda a: None if a is None else jnp.reshape(  # noqa: E731
-                    jnp.broadcast_to(a, (xs.shape[0], v) + view[1:]), (x.shape[0],) + view[1:])
-                y = y._replace(mean=per_example(y.mean), mul=per_example(y.mul), add=per_example(y.add))
-            else:
-                y = jnp.reshape(y, x.shape)
+            amap = _stats.normalize(self, xs, m, inv, offset=offset, return_map=True, **affine)
+            # One map per ghost batch, repeated for each of its examples.
+            per_example = lambda a: None if a is None else jnp.reshape(  # noqa: E731
+                jnp.broadcast_to(a, (xs.shape[0], v) + view[1:]), (x.shape[0],) + view[1:])
+            amap = amap._replace(
+                mean=per_example(amap.mean), mul=per_example(amap.mul), add=per_example(amap.add)
+            )
         else:
             batch_mean, batch_var = mean, var
             m, inv, offset = self._train_map(mean, var, old_mean, old_var, steps)
             offset = None if offset is None else jnp.reshape(offset, view)
-            y = _stats.normalize(
+            amap = _stats.normalize(
                 self, x, jnp.reshape(m, view), jnp.reshape(inv, view), offset=offset,
-                return_map=self._return_map, **affine,
+                return_map=True, **affine,
             )
         if not self.is_initializing():
             mom = self.momentum
@@ -171,7 +171,7 @@ class _BatchFamily(nn.Module):
                 ra_var.value = mom * old_var + (1.0 - mom) * batch_var
             if steps is not None:
                 steps.value = steps.value + 1
-        return y
+        return amap if self._return_map else amap(x)
 
 
 class BatchNorm(_BatchFamily):

@@ -75,8 +75,8 @@ class IBN(_BatchFamily):
             if f.name not in ("parent", "name")
         }
         # Each part returns its affine map (statistics folded in, tiny arrays); the maps are
-        # concatenated along the channels and applied in one pass over x, so the activations
-        # are never split into copies or concatenated back.
+        # joined along the channels and applied in one pass over x, so the activations are
+        # never split into copies or concatenated back.
         maps = []
         if k > 0:
             maps.append(
