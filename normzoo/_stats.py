@@ -19,9 +19,23 @@ Numerics (why it looks the way it does):
   it lies within a few standard deviations of the mean. The batch axis (axis 0)
   is never sliced, because that is the axis sharded across devices; when it is the
   only reduced axis (BatchNorm on (N, C)), and when a mask may make the first
-  slice padding, the pilot is the exact mean instead (one more
-  pass). The pilot is held constant for autodiff (``stop_gradient``); the
-  formulas are exact for any constant pilot, so gradients are exact too.
+  slice padding, the pilot is the exact mean instead (one more pass).
+* On XLA:CPU a reduction of ``x - p`` costs an extra written-out pass, so statistics
+  shared by the whole batch (BatchNorm, BatchRenorm: axis 0 reduced) start from the
+  plain sums ``sum(x)``, ``sum(x**2)`` and check them: if any ``mean**2 > 16 var``
+  (a mean beyond 4 standard deviations, where the fast variance could lose more than
+  ~4 bits) a ``lax.cond`` redoes the shifted sums around that mean, which is then
+  accurate to float32 rounding. Typical activations never take the second pass;
+  x ~ N(1e4, 1) always does. The check is per device, before any communication.
+  Per-example statistics (InstanceNorm, LayerNorm, GroupNorm) keep the one shifted
+  pass: checking them would need a collective under jit with a batch-sharded input.
+  (:func:`checked_fast_sums` says which path is in use.)
+* Derivatives are written out, not traced through these choices: ``dmean = dx/n`` and
+  ``dM2 = 2 (x - mean) dx`` (:func:`local_moments`), and the output map
+  ``y = (x - mean) * mul + add`` has its own VJP (:class:`AffineMap`) that needs only
+  ``sum(dy)`` and ``sum(dy (x - mean))``, the latter as ``sum(dy x) - mean sum(dy)``
+  when the same 4-standard-deviation check holds. Nothing full-size is saved for the
+  backward pass besides ``x`` itself.
 * Across devices (``axis_name`` set) every device writes its triple into its own
   slot of a zero array and a single ``psum`` hands every device all the triples
   (adding zeros is exact). Each device then combines them with Chan's parallel
@@ -37,6 +51,7 @@ Numerics (why it looks the way it does):
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Sequence
@@ -176,46 +191,94 @@ def group_mean(stacked: Array, member: Array | None) -> Array:
     return jnp.sum(stacked * w, 0) / jnp.sum(member)
 
 
+# Where the fast formulas are trusted: every |mean| <= _SPREAD standard deviations.
+# There E[x^2] - E[x]^2 and sum(dy*x) - mean*sum(dy) lose at most log2(1 + 4**2) ~ 4 bits
+# to cancellation, about what float32 summation loses anyway.
+_SPREAD = 4.0
+
+
+def checked_fast_sums() -> bool:
+    """Whether batch-wide statistics take the checked fast path (see the module notes).
+
+    True on XLA:CPU, whose reductions of ``x`` or ``x * y`` run at memory speed but which
+    writes ``x - mean`` out in full before reducing it. Other backends fuse that
+    subtraction into the reduction, so the shifted sums cost nothing extra there and
+    no data-dependent branch (a host round trip on GPU) is worth taking.
+    """
+    return jax.default_backend() == "cpu"
+
+
 def local_moments(
     x: Array, axes: tuple[int, ...], mask: Array | None, use_mean: bool
 ) -> tuple[Array, Array, Array]:
     """Per-device ``(count, mean, M2)`` over ``axes`` (reduced away), in x's dtype.
 
     ``M2`` is the sum of squared deviations from ``mean``; with ``use_mean=False``
-    ``mean`` is zero and ``M2`` is the plain sum of squares (RMSNorm).
+    ``mean`` is zero and ``M2`` is the plain sum of squares (RMSNorm). The derivative
+    is defined analytically (``dmean = dx/n``, ``dM2 = 2 (x - mean) dx``), so the
+    backward pass never sees how the statistics were computed.
     """
+    return _local_moments(x, mask, axes, use_mean)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _local_moments(x, mask, axes, use_mean):
     if mask is None:
         n = math.prod(x.shape[a] for a in axes)
         count = jnp.full(
             tuple(s for i, s in enumerate(x.shape) if i not in axes), n, x.dtype
         )
 
-        def rsum(v, keepdims=False):
-            return jnp.sum(v, axes, keepdims=keepdims)
+        def rsum(v):
+            return jnp.sum(v, axes)
 
     else:
         count = jnp.sum(mask, axes, dtype=x.dtype)
 
-        def rsum(v, keepdims=False):
-            return jnp.sum(jnp.where(mask, v, 0), axes, keepdims=keepdims)
+        def rsum(v):
+            return jnp.sum(jnp.where(mask, v, 0), axes)
 
     # An all-masked slice has no statistics; dividing by 1 keeps them finite (0).
     safe = jnp.maximum(count, 1)
     if not use_mean:
         return count, jnp.zeros_like(count), rsum(x * x)
-    if mask is None and axes[-1] != 0:
+
+    def shifted(pilot):
+        d = x - jnp.expand_dims(pilot, axes)
+        s1, s2 = rsum(d), rsum(d * d)
+        # s2 - s1^2/n is >= 0 in exact arithmetic; clip round-off so rsqrt never sees < 0.
+        return pilot + s1 / safe, jnp.maximum(s2 - s1 * s1 / safe, 0.0)
+
+    if 0 in axes and checked_fast_sums():
+        # Statistics shared by the whole batch: the fast sums, checked. Where a mean is
+        # large against its spread, a second pass around the (accurate) fast mean
+        # corrects both. The check needs no communication: these statistics do not vary
+        # along the (sharded) batch axis.
+        s1, s2 = rsum(x), rsum(x * x)
+        mean = s1 / safe
+        m2 = jnp.maximum(s2 - s1 * mean, 0.0)
+        fast = jnp.all(mean * mean * count <= _SPREAD**2 * m2)
+        mean, m2 = lax.cond(fast, lambda: (mean, m2), lambda: shifted(mean))
+    elif mask is None and axes[-1] != 0:
+        # One shifted pass around the mean of the first slice along the innermost axis.
         first = lax.slice_in_dim(x, 0, 1, axis=axes[-1])
-        pilot = jnp.mean(first, axes, keepdims=True)
-    else:
-        pilot = rsum(x, keepdims=True) / jnp.expand_dims(safe, axes)
-    pilot = lax.stop_gradient(pilot)
-    d = x - pilot
-    s1 = rsum(d)
-    s2 = rsum(d * d)
-    mean = jnp.squeeze(pilot, axes) + s1 / safe
-    # s2 - s1^2/n is >= 0 in exact arithmetic; clip round-off so rsqrt never sees < 0.
-    m2 = jnp.maximum(s2 - s1 * s1 / safe, 0.0)
+        mean, m2 = shifted(jnp.mean(first, axes))
+    else:  # padding, or the sharded batch axis: shift by the exact mean (one more pass)
+        mean, m2 = shifted(rsum(x) / safe)
     return count, mean, m2
+
+
+@_local_moments.defjvp
+def _local_moments_jvp(axes, use_mean, primals, tangents):
+    x, mask = primals
+    dx = tangents[0]
+    count, mean, m2 = out = _local_moments(x, mask, axes, use_mean)
+    centered = x - jnp.expand_dims(mean, axes) if use_mean else x
+    w, wc = dx, dx * centered
+    if mask is not None:
+        w, wc = jnp.where(mask, w, 0), jnp.where(mask, wc, 0)
+    dmean = jnp.sum(w, axes) / jnp.maximum(count, 1) if use_mean else jnp.zeros_like(mean)
+    return out, (jnp.zeros_like(count), dmean, 2 * jnp.sum(wc, axes))
 
 
 def combine_moments(count: Array, mean: Array, m2: Array, axis: int = 0):
@@ -375,18 +438,94 @@ class AffineMap(NamedTuple):
 
     ``mean``, ``mul`` and ``add`` broadcast against the input (``add`` may be None). Layers
     built from others (IBN) collect their parts' maps and apply them in one pass over ``x``.
+
+    The backward pass is written out (:func:`_apply_affine`): besides ``dx = dy * mul`` it
+    needs ``sum(dy)`` and ``sum(dy * (x - mean))`` per map entry. ``small_mean`` (a scalar
+    bool, or None for "unknown") says that every ``|mean|`` is within ``_SPREAD``
+    standard deviations of the data; then the second sum is taken as
+    ``sum(dy * x) - mean * sum(dy)``, two plain reductions that need no ``x - mean``
+    pass, and otherwise as written.
     """
 
     mean: Array
     mul: Array
     add: Array | None
     dtype: Any
+    small_mean: Array | None = None
 
     def __call__(self, x: Array) -> Array:
-        y = (jnp.asarray(x, self.mean.dtype) - self.mean) * self.mul
-        if self.add is not None:
-            y = y + self.add
+        x = jnp.asarray(x, self.mean.dtype)
+        vary = _varying_like(x)
+        y = _apply_affine(x, vary(self.mean), vary(self.mul),
+                          None if self.add is None else vary(self.add), self.small_mean)
         return jnp.asarray(y, self.dtype)
+
+
+def _varying_axes(a: Array) -> frozenset:
+    kind = getattr(jax.typeof(a), "manual_axis_type", None)
+    return frozenset(getattr(kind, "varying", ()) or ())
+
+
+def _varying_like(x: Array):
+    """Casts small operands to x's device-varying type under ``shard_map``.
+
+    A custom VJP returns per-device cotangents for them; declaring them varying makes
+    JAX sum those across devices for replicated operands, as its own rules would.
+    """
+    axes = _varying_axes(x)
+
+    def vary(a):
+        missing = tuple(sorted(axes - _varying_axes(a)))
+        return lax.pcast(a, missing, to="varying") if missing else a
+
+    return vary
+
+
+def _sum_to(t: Array, shape: tuple[int, ...]) -> Array:
+    """Sums ``t`` over the axes along which an array of ``shape`` was broadcast to it."""
+    lead = t.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(
+        lead + i for i, n in enumerate(shape) if n == 1 and t.shape[lead + i] != 1
+    )
+    return jnp.reshape(jnp.sum(t, axes), shape) if axes else t
+
+
+@jax.custom_vjp
+def _apply_affine(x, mean, mul, add, small_mean):
+    y = (x - mean) * mul
+    return y if add is None else y + add
+
+
+def _apply_affine_fwd(x, mean, mul, add, small_mean):
+    return _apply_affine(x, mean, mul, add, small_mean), (x, mean, mul, add, small_mean)
+
+
+def _apply_affine_bwd(res, dy):
+    x, mean, mul, add, small_mean = res
+    # The common shape of the small operands, aligned with x's rank.
+    shape = jnp.broadcast_shapes(*(a.shape for a in (mean, mul, add) if a is not None))
+    shape = (1,) * (x.ndim - len(shape)) + tuple(shape)
+    mean_b, mul_b = jnp.broadcast_to(mean, shape), jnp.broadcast_to(mul, shape)
+    dy_sum = _sum_to(dy, shape)
+
+    def fast():
+        return _sum_to(dy * x, shape) - mean_b * dy_sum
+
+    def centered():
+        return _sum_to(dy * (x - mean_b), shape)
+
+    dy_dev = centered() if small_mean is None else lax.cond(small_mean, fast, centered)
+    cast = lambda t, like: jnp.asarray(t, like.dtype)  # noqa: E731
+    return (
+        cast(_sum_to(dy * mul, x.shape), x),
+        cast(_sum_to(-dy_sum * mul_b, mean.shape), mean),
+        cast(_sum_to(dy_dev, mul.shape), mul),
+        None if add is None else cast(_sum_to(dy_sum, add.shape), add),
+        None,
+    )
+
+
+_apply_affine.defvjp(_apply_affine_fwd, _apply_affine_bwd)
 
 
 def normalize(
@@ -408,7 +547,7 @@ def normalize(
 ) -> Array | AffineMap:
     """``y = (x - mean) * inv * scale + offset * scale + bias`` in the stats dtype.
 
-    ``mean``, ``inv`` (1/std, possibly times BatchRenorm's r) and ``offset``
+    ``mean``, ``inv`` (1/sqrt(var + eps), possibly times BatchRenorm's r) and ``offset``
     (BatchRenorm's d) broadcast against ``x``; the learned ``scale`` and ``bias``
     have ``param_shape`` and are reshaped to ``param_view`` to broadcast. The
     result dtype follows flax.linen: ``dtype`` if given, else the promotion of
@@ -435,7 +574,13 @@ def normalize(
         args.append(bias)
         bias = jnp.reshape(bias, param_view)
         add = bias if add is None else add + bias
-    amap = AffineMap(mean, mul, add, flax_dtypes.canonicalize_dtype(*args, dtype=dtype))
+    small_mean = None
+    if checked_fast_sums() and (mean.ndim < x.ndim or mean.shape[0] == 1):
+        # Statistics shared by the whole batch: checking them needs no communication.
+        small_mean = jnp.all(lax.stop_gradient(jnp.abs(mean * inv)) <= _SPREAD)
+    amap = AffineMap(
+        mean, mul, add, flax_dtypes.canonicalize_dtype(*args, dtype=dtype), small_mean
+    )
     return amap if return_map else amap(x)
 
 

@@ -120,6 +120,44 @@ def test_gradients_match_reference(case):
     np.testing.assert_allclose(gx, want, atol=5e-4 if case == "large_mean" else 2e-5)
 
 
+@pytest.mark.parametrize("checked", [True, False], ids=["checked-fast-sums", "shifted-sums"])
+@pytest.mark.parametrize("sigmas", [0.0, 3.5, 4.5, 1e4])
+def test_both_statistics_paths_on_both_sides_of_the_4_sigma_check(monkeypatch, checked, sigmas):
+    """Means at 3.5 and 4.5 standard deviations sit either side of the fast path's check.
+
+    ``checked=False`` forces the shifted sums that non-CPU backends use, so both paths
+    are held to the same float64 reference, values and gradients, mask included.
+    """
+    monkeypatch.setattr(normzoo._stats, "checked_fast_sums", lambda: checked)
+    rng = np.random.default_rng(7)
+    x = (rng.normal(size=(24, 5, 3)) * 0.5 + 0.5 * sigmas).astype(np.float32)
+    w = rng.normal(size=x.shape).astype(np.float32)
+    mask = np.ones((24, 1, 1), bool)
+    mask[20:] = False
+    x[20:] = -3e5  # padding far from everything must not matter
+    layer = normzoo.BatchNorm(use_running_average=False)
+    v = layer.init(jax.random.key(0), x)
+    scale = np.array([0.5, 1.5, 2.0], np.float32)
+
+    def loss(x):
+        y, upd = layer.apply(
+            {"params": {"scale": scale, "bias": np.zeros(3, np.float32)}, **{"batch_stats": v["batch_stats"]}},
+            x, mask=mask, mutable=["batch_stats"],
+        )
+        return jnp.sum(jnp.where(mask, y * w, 0)), (y, upd)
+
+    (_, (y, upd)), gx = jax.jit(jax.value_and_grad(loss, has_aux=True))(x)
+    xv, wv = x[:20], w[:20]
+    atol = 2e-3 if sigmas > 100 else 2e-5
+    np.testing.assert_allclose(np.asarray(y)[:20], ref.batch_norm(xv, (0, 1), 1e-5) * scale, atol=atol)
+    np.testing.assert_allclose(
+        upd["batch_stats"]["var"], 0.99 + 0.01 * ref.f64(xv).var((0, 1)), rtol=1e-6
+    )
+    np.testing.assert_allclose(np.asarray(gx)[:20], _bn_input_grad(xv, wv, (0, 1), 1e-5, scale),
+                               atol=5e-4 if sigmas > 100 else 5e-5)
+    np.testing.assert_array_equal(np.asarray(gx)[20:], 0.0)
+
+
 def test_mask_excludes_padded_examples():
     x = make_input("normal", (8, 4, 3))
     x[5:] = 1e6  # padding garbage must not leak into the statistics
@@ -263,3 +301,60 @@ def test_mean_only_batch_norm():
     assert set(upd["batch_stats"]) == {"mean"} and set(v["params"]) == {"bias"}
     y_eval = layer.apply({**v, **upd}, x, use_running_average=True)
     np.testing.assert_allclose(y_eval, y, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- output map
+
+
+def _map_case(kind, rng):
+    x = rng.normal(size=(6, 3, 4, 5)) + 1.0
+    per_channel = lambda: rng.normal(size=(1, 1, 1, 5))  # noqa: E731
+    if kind == "per_example":  # ghost batches and IBN's instance part
+        mean, mul = rng.normal(size=(6, 1, 1, 5)), rng.normal(size=(6, 1, 1, 5))
+    else:
+        mean, mul = per_channel(), per_channel()
+    add = None if kind == "no_add" else per_channel()
+    f32 = lambda a: None if a is None else jnp.asarray(a, jnp.float32)  # noqa: E731
+    return f32(x), f32(mean), f32(mul), f32(add)
+
+
+@pytest.mark.parametrize("small_mean", [None, True, False])
+@pytest.mark.parametrize("kind", ["per_channel", "per_example", "no_add"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_affine_map_backward_equals_autodiff_of_its_formula(kind, small_mean, dtype):
+    x, mean, mul, add = _map_case(kind, np.random.default_rng(11))
+    x = x.astype(dtype)
+    flag = None if small_mean is None else jnp.asarray(small_mean)
+
+    def ours(x, mean, mul, add):
+        return normzoo._stats.AffineMap(mean, mul, add, dtype, flag)(x)
+
+    def formula(x, mean, mul, add):
+        y = (x.astype(jnp.float32) - mean) * mul
+        return (y if add is None else y + add).astype(dtype)
+
+    dy = jnp.asarray(np.random.default_rng(12).normal(size=x.shape), dtype)
+    y1, vjp1 = jax.vjp(ours, x, mean, mul, add)
+    y2, vjp2 = jax.vjp(formula, x, mean, mul, add)
+    np.testing.assert_array_equal(np.asarray(y1, np.float32), np.asarray(y2, np.float32))
+    for got, want in zip(jax.tree.leaves(vjp1(dy)), jax.tree.leaves(vjp2(dy)), strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                   rtol=1e-2 if dtype == jnp.bfloat16 else 2e-5, atol=1e-4)
+
+
+def test_affine_map_small_mean_flag_selects_the_backward_formula():
+    """With x ~ N(1e4, 1) the shortcut sum(dy x) - mean sum(dy) cancels; the flag must steer."""
+    rng = np.random.default_rng(13)
+    x = jnp.asarray(rng.normal(size=(256, 4)) + 1e4, jnp.float32)
+    dy = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    mean = jnp.mean(x, 0, keepdims=True)
+    exact = (np.asarray(dy, np.float64) * (np.asarray(x, np.float64) - np.asarray(mean, np.float64))).sum(0)
+
+    def dmul(flag):
+        f = lambda mul: normzoo._stats.AffineMap(mean, mul, None, jnp.float32, jnp.asarray(flag))(x)  # noqa: E731
+        return np.asarray(jax.vjp(f, jnp.ones((1, 4), jnp.float32))[1](dy)[0]).ravel()
+
+    careful, shortcut = np.abs(dmul(False) - exact).max(), np.abs(dmul(True) - exact).max()
+    assert careful < 1e-3 * np.abs(exact).max()
+    assert shortcut > 100 * careful
