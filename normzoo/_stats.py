@@ -20,16 +20,16 @@ Numerics (why it looks the way it does):
   is never sliced, because that is the axis sharded across devices; when it is the
   only reduced axis (BatchNorm on (N, C)), and when a mask may make the first
   slice padding, the pilot is the exact mean instead (one more pass).
-* On XLA:CPU a reduction of ``x - p`` costs an extra written-out pass, so statistics
-  shared by the whole batch (BatchNorm, BatchRenorm: axis 0 reduced) start from the
-  plain sums ``sum(x)``, ``sum(x**2)`` and check them: if any ``mean**2 > 16 var``
-  (a mean beyond 4 standard deviations, where the fast variance could lose more than
-  ~4 bits) a ``lax.cond`` redoes the shifted sums around that mean, which is then
-  accurate to float32 rounding. Typical activations never take the second pass;
-  x ~ N(1e4, 1) always does. The check is per device, before any communication.
-  Per-example statistics (InstanceNorm, LayerNorm, GroupNorm) keep the one shifted
-  pass: checking them would need a collective under jit with a batch-sharded input.
-  (:func:`checked_fast_sums` says which path is in use.)
+* On XLA:CPU a reduction of ``x - p`` costs an extra written-out pass, so there the
+  statistics start from the plain sums ``sum(x)``, ``sum(x**2)`` and check them: if
+  any ``mean**2 > 16 var`` (a mean beyond 4 standard deviations, where the fast
+  variance could lose more than ~4 bits) a ``lax.cond`` redoes the shifted sums around
+  that mean, which is then accurate to float32 rounding. Typical activations never
+  take the second pass; x ~ N(1e4, 1) always does. The check is per device, before
+  any communication. Other backends fuse the subtraction into the reduction, so they
+  always take the one shifted pass: no data-dependent branch (a host round trip on
+  GPU; for per-example statistics of a batch-sharded input under jit, a collective).
+  :func:`checked_fast_sums` says which path is in use.
 * Derivatives are written out, not traced through these choices: ``dmean = dx/n`` and
   ``dM2 = 2 (x - mean) dx`` (:func:`local_moments`), and the output map
   ``y = (x - mean) * mul + add`` has its own VJP (:class:`AffineMap`) that needs only
@@ -198,12 +198,13 @@ _SPREAD = 4.0
 
 
 def checked_fast_sums() -> bool:
-    """Whether batch-wide statistics take the checked fast path (see the module notes).
+    """Whether statistics take the checked fast sums (see the module notes).
 
     True on XLA:CPU, whose reductions of ``x`` or ``x * y`` run at memory speed but which
     writes ``x - mean`` out in full before reducing it. Other backends fuse that
     subtraction into the reduction, so the shifted sums cost nothing extra there and
-    no data-dependent branch (a host round trip on GPU) is worth taking.
+    no data-dependent branch (a host round trip on GPU; a collective for per-example
+    statistics of a batch-sharded input under jit) is worth taking.
     """
     return jax.default_backend() == "cpu"
 
@@ -249,11 +250,9 @@ def _local_moments(x, mask, axes, use_mean):
         # s2 - s1^2/n is >= 0 in exact arithmetic; clip round-off so rsqrt never sees < 0.
         return pilot + s1 / safe, jnp.maximum(s2 - s1 * s1 / safe, 0.0)
 
-    if 0 in axes and checked_fast_sums():
-        # Statistics shared by the whole batch: the fast sums, checked. Where a mean is
-        # large against its spread, a second pass around the (accurate) fast mean
-        # corrects both. The check needs no communication: these statistics do not vary
-        # along the (sharded) batch axis.
+    if checked_fast_sums():
+        # The fast sums, checked. Where a mean is large against its spread, a second
+        # pass around the (accurate) fast mean corrects both.
         s1, s2 = rsum(x), rsum(x * x)
         mean = s1 / safe
         m2 = jnp.maximum(s2 - s1 * mean, 0.0)
@@ -439,7 +438,8 @@ class AffineMap(NamedTuple):
     ``mean``, ``mul`` and ``add`` broadcast against the input (``add`` may be None). Layers
     built from others (IBN) collect their parts' maps and apply them in one pass over ``x``.
 
-    The backward pass is written out (:func:`_apply_affine`): besides ``dx = dy * mul`` it
+    Unless the map is as large as ``x`` (LayerNorm's per-row statistics times its
+    per-feature scale), the backward pass is written out (:func:`_apply_affine`): besides ``dx = dy * mul`` it
     needs ``sum(dy)`` and ``sum(dy * (x - mean))`` per map entry. ``small_mean`` (a scalar
     bool, or None for "unknown") says that every ``|mean|`` is within ``_SPREAD``
     standard deviations of the data; then the second sum is taken as
@@ -455,9 +455,16 @@ class AffineMap(NamedTuple):
 
     def __call__(self, x: Array) -> Array:
         x = jnp.asarray(x, self.mean.dtype)
-        vary = _varying_like(x)
-        y = _apply_affine(x, vary(self.mean), vary(self.mul),
-                          None if self.add is None else vary(self.add), self.small_mean)
+        parts = [jnp.shape(a) for a in (self.mean, self.mul, self.add) if a is not None]
+        if math.prod(jnp.broadcast_shapes(*parts)) >= x.size:
+            # A full-size map (LayerNorm, RMSNorm: per-row statistics times per-feature
+            # scale) has no small sums to shortcut; plain autodiff handles it best.
+            y = (x - self.mean) * self.mul
+            y = y if self.add is None else y + self.add
+        else:
+            vary = _varying_like(x)
+            y = _apply_affine(x, vary(self.mean), vary(self.mul),
+                              None if self.add is None else vary(self.add), self.small_mean)
         return jnp.asarray(y, self.dtype)
 
 
@@ -575,8 +582,7 @@ def normalize(
         bias = jnp.reshape(bias, param_view)
         add = bias if add is None else add + bias
     small_mean = None
-    if checked_fast_sums() and (mean.ndim < x.ndim or mean.shape[0] == 1):
-        # Statistics shared by the whole batch: checking them needs no communication.
+    if checked_fast_sums():
         small_mean = jnp.all(lax.stop_gradient(jnp.abs(mean * inv)) <= _SPREAD)
     amap = AffineMap(
         mean, mul, add, flax_dtypes.canonicalize_dtype(*args, dtype=dtype), small_mean
