@@ -30,12 +30,12 @@ Numerics (why it looks the way it does):
   always take the one shifted pass: no data-dependent branch (a host round trip on
   GPU; for per-example statistics of a batch-sharded input under jit, a collective).
   :func:`checked_fast_sums` says which path is in use.
-* Derivatives are written out, not traced through these choices: ``dmean = dx/n`` and
-  ``dM2 = 2 (x - mean) dx`` (:func:`local_moments`), and the output map
-  ``y = (x - mean) * mul + add`` has its own VJP (:class:`AffineMap`) that needs only
-  ``sum(dy)`` and ``sum(dy (x - mean))``, the latter as ``sum(dy x) - mean sum(dy)``
-  when the same 4-standard-deviation check holds. Nothing full-size is saved for the
-  backward pass besides ``x`` itself.
+* The derivatives of the statistics are written out (``dmean = dx/n``,
+  ``dM2 = 2 (x - mean) dx``, :func:`local_moments`), not traced through these choices.
+  The output map ``y = (x - mean) * mul + add`` is applied as ``x * mul + (add - mean
+  * mul)`` when the same 4-standard-deviation check holds (:class:`AffineMap`), so that
+  its backward pass needs only plain sums too. Both are ordinary JAX (``custom_jvp``,
+  ``lax.cond``): forward mode (``jax.jvp``, ``jax.hessian``) works as for flax.
 * Across devices (``axis_name`` set) every device writes its triple into its own
   slot of a zero array and a single ``psum`` hands every device all the triples
   (adding zeros is exact). Each device then combines them with Chan's parallel
@@ -438,13 +438,14 @@ class AffineMap(NamedTuple):
     ``mean``, ``mul`` and ``add`` broadcast against the input (``add`` may be None). Layers
     built from others (IBN) collect their parts' maps and apply them in one pass over ``x``.
 
-    Unless the map is as large as ``x`` (LayerNorm's per-row statistics times its
-    per-feature scale), the backward pass is written out (:func:`_apply_affine`): besides ``dx = dy * mul`` it
-    needs ``sum(dy)`` and ``sum(dy * (x - mean))`` per map entry. ``small_mean`` (a scalar
-    bool, or None for "unknown") says that every ``|mean|`` is within ``_SPREAD``
-    standard deviations of the data; then the second sum is taken as
-    ``sum(dy * x) - mean * sum(dy)``, two plain reductions that need no ``x - mean``
-    pass, and otherwise as written.
+    ``small_mean`` (a scalar bool, or None for "unknown") says that every ``|mean|`` is
+    within ``_SPREAD`` standard deviations of the data. Then the map is applied as
+    ``x * mul + (add - mean * mul)``, whose backward pass takes ``sum(dy * (x - mean))``
+    as ``sum(dy * x) - mean * sum(dy)``: plain reductions, no ``x - mean`` pass, and at
+    most ~4 bits lost to cancellation. Otherwise (a ``lax.cond`` picks) it is applied as
+    written, recomputing ``x - mean`` in the backward pass rather than storing it. Maps as
+    large as ``x`` (LayerNorm's per-row statistics times per-feature scale) have no such
+    sums and are always applied as written.
     """
 
     mean: Array
@@ -456,83 +457,22 @@ class AffineMap(NamedTuple):
     def __call__(self, x: Array) -> Array:
         x = jnp.asarray(x, self.mean.dtype)
         parts = [jnp.shape(a) for a in (self.mean, self.mul, self.add) if a is not None]
-        if math.prod(jnp.broadcast_shapes(*parts)) >= x.size:
-            # A full-size map (LayerNorm, RMSNorm: per-row statistics times per-feature
-            # scale) has no small sums to shortcut; plain autodiff handles it best.
-            y = (x - self.mean) * self.mul
-            y = y if self.add is None else y + self.add
+        args = (x, self.mean, self.mul, self.add)
+        if self.small_mean is None or math.prod(jnp.broadcast_shapes(*parts)) >= x.size:
+            y = _centered(*args)
         else:
-            vary = _varying_like(x)
-            y = _apply_affine(x, vary(self.mean), vary(self.mul),
-                              None if self.add is None else vary(self.add), self.small_mean)
+            y = lax.cond(self.small_mean, _shortcut, jax.checkpoint(_centered), *args)
         return jnp.asarray(y, self.dtype)
 
 
-def _varying_axes(a: Array) -> frozenset:
-    kind = getattr(jax.typeof(a), "manual_axis_type", None)
-    return frozenset(getattr(kind, "varying", ()) or ())
-
-
-def _varying_like(x: Array):
-    """Casts small operands to x's device-varying type under ``shard_map``.
-
-    A custom VJP returns per-device cotangents for them; declaring them varying makes
-    JAX sum those across devices for replicated operands, as its own rules would.
-    """
-    axes = _varying_axes(x)
-
-    def vary(a):
-        missing = tuple(sorted(axes - _varying_axes(a)))
-        return lax.pcast(a, missing, to="varying") if missing else a
-
-    return vary
-
-
-def _sum_to(t: Array, shape: tuple[int, ...]) -> Array:
-    """Sums ``t`` over the axes along which an array of ``shape`` was broadcast to it."""
-    lead = t.ndim - len(shape)
-    axes = tuple(range(lead)) + tuple(
-        lead + i for i, n in enumerate(shape) if n == 1 and t.shape[lead + i] != 1
-    )
-    return jnp.reshape(jnp.sum(t, axes), shape) if axes else t
-
-
-@jax.custom_vjp
-def _apply_affine(x, mean, mul, add, small_mean):
+def _centered(x, mean, mul, add):
     y = (x - mean) * mul
     return y if add is None else y + add
 
 
-def _apply_affine_fwd(x, mean, mul, add, small_mean):
-    return _apply_affine(x, mean, mul, add, small_mean), (x, mean, mul, add, small_mean)
-
-
-def _apply_affine_bwd(res, dy):
-    x, mean, mul, add, small_mean = res
-    # The common shape of the small operands, aligned with x's rank.
-    shape = jnp.broadcast_shapes(*(a.shape for a in (mean, mul, add) if a is not None))
-    shape = (1,) * (x.ndim - len(shape)) + tuple(shape)
-    mean_b, mul_b = jnp.broadcast_to(mean, shape), jnp.broadcast_to(mul, shape)
-    dy_sum = _sum_to(dy, shape)
-
-    def fast():
-        return _sum_to(dy * x, shape) - mean_b * dy_sum
-
-    def centered():
-        return _sum_to(dy * (x - mean_b), shape)
-
-    dy_dev = centered() if small_mean is None else lax.cond(small_mean, fast, centered)
-    cast = lambda t, like: jnp.asarray(t, like.dtype)  # noqa: E731
-    return (
-        cast(_sum_to(dy * mul, x.shape), x),
-        cast(_sum_to(-dy_sum * mul_b, mean.shape), mean),
-        cast(_sum_to(dy_dev, mul.shape), mul),
-        None if add is None else cast(_sum_to(dy_sum, add.shape), add),
-        None,
-    )
-
-
-_apply_affine.defvjp(_apply_affine_fwd, _apply_affine_bwd)
+def _shortcut(x, mean, mul, add):
+    offset = -mean * mul
+    return x * mul + (offset if add is None else add + offset)
 
 
 def normalize(

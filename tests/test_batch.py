@@ -321,7 +321,7 @@ def _map_case(kind, rng):
 @pytest.mark.parametrize("small_mean", [None, True, False])
 @pytest.mark.parametrize("kind", ["per_channel", "per_example", "no_add"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_affine_map_backward_equals_autodiff_of_its_formula(kind, small_mean, dtype):
+def test_affine_map_value_and_backward_equal_its_formula(kind, small_mean, dtype):
     x, mean, mul, add = _map_case(kind, np.random.default_rng(11))
     x = x.astype(dtype)
     flag = None if small_mean is None else jnp.asarray(small_mean)
@@ -336,7 +336,8 @@ def test_affine_map_backward_equals_autodiff_of_its_formula(kind, small_mean, dt
     dy = jnp.asarray(np.random.default_rng(12).normal(size=x.shape), dtype)
     y1, vjp1 = jax.vjp(ours, x, mean, mul, add)
     y2, vjp2 = jax.vjp(formula, x, mean, mul, add)
-    np.testing.assert_array_equal(np.asarray(y1, np.float32), np.asarray(y2, np.float32))
+    np.testing.assert_allclose(np.asarray(y1, np.float32), np.asarray(y2, np.float32),
+                               rtol=1e-2 if dtype == jnp.bfloat16 else 1e-6, atol=1e-6)
     for got, want in zip(jax.tree.leaves(vjp1(dy)), jax.tree.leaves(vjp2(dy)), strict=True):
         assert got.dtype == want.dtype and got.shape == want.shape
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
@@ -344,7 +345,7 @@ def test_affine_map_backward_equals_autodiff_of_its_formula(kind, small_mean, dt
 
 
 def test_affine_map_small_mean_flag_selects_the_backward_formula():
-    """With x ~ N(1e4, 1) the shortcut sum(dy x) - mean sum(dy) cancels; the flag must steer."""
+    """With x ~ N(1e4, 1) the shortcut's sum(dy x) - mean sum(dy) cancels; the flag must steer."""
     rng = np.random.default_rng(13)
     x = jnp.asarray(rng.normal(size=(256, 4)) + 1e4, jnp.float32)
     dy = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
@@ -358,3 +359,25 @@ def test_affine_map_small_mean_flag_selects_the_backward_formula():
     careful, shortcut = np.abs(dmul(False) - exact).max(), np.abs(dmul(True) - exact).max()
     assert careful < 1e-3 * np.abs(exact).max()
     assert shortcut > 100 * careful
+
+
+@pytest.mark.parametrize("name", ["batch", "instance", "group", "layer"])
+def test_forward_over_reverse_hessian_vector_product_matches_flax(name):
+    """Forward mode works through the checked statistics (custom_jvp, lax.cond) as through flax."""
+    ours, theirs = {
+        "batch": (normzoo.BatchNorm(use_running_average=False), nn.BatchNorm(use_running_average=False)),
+        "instance": (normzoo.InstanceNorm(), nn.InstanceNorm()),
+        "group": (normzoo.GroupNorm(num_groups=2), nn.GroupNorm(num_groups=2)),
+        "layer": (normzoo.LayerNorm(), nn.LayerNorm()),
+    }[name]
+    rng = np.random.default_rng(14)
+    x = jnp.asarray(rng.normal(size=(6, 3, 3, 4)) * 2 + 1, jnp.float32)
+    t = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    w = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+
+    def hvp(layer):
+        v = layer.init(jax.random.key(0), x)
+        loss = lambda x: jnp.sum(jnp.tanh(layer.apply(v, x, mutable=["batch_stats"])[0]) * w)  # noqa: E731
+        return jax.jvp(jax.grad(loss), (x,), (t,))[1]
+
+    np.testing.assert_allclose(hvp(ours), hvp(theirs), rtol=1e-4, atol=1e-4)
