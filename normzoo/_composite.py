@@ -110,9 +110,12 @@ class IBN(_BatchFamily):
             return out
 
         a, b = maps
+        small_mean = None
+        if a.small_mean is not None and b.small_mean is not None:
+            small_mean = jnp.logical_and(a.small_mean, b.small_mean)
         return _stats.AffineMap(
             mean=join(a.mean, b.mean), mul=join(a.mul, b.mul), add=join(a.add, b.add),
-            dtype=jnp.promote_types(a.dtype, b.dtype),
+            dtype=jnp.promote_types(a.dtype, b.dtype), small_mean=small_mean,
         )(x)
 
 
