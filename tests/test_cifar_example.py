@@ -148,14 +148,24 @@ def test_augmentation_is_reproducible_and_label_preserving_shapes():
 # ----------------------------------------------------------------------------- training
 
 
-def test_comparison_runner_every_registry_name(data, fixture_dir, tmp_path):
+@pytest.mark.parametrize("names", [
+    # A layer that adds statistics, one that changes the linear layers, and the ghost-batch and
+    # per-example paths of the small-batch experiment. Every training run costs a worker process
+    # and a compilation; every registry name is trained in-process by the toy-batch test below.
+    "batch_renorm,group,weight",
+    pytest.param(None, marks=pytest.mark.slow),  # the preset's default: every registry name
+])
+def test_comparison_runner(names, data, fixture_dir, tmp_path):
     # Two single-device worker processes, as the smoke preset runs.
-    # One ghost-batch run (batch_renorm) and one per-example name (group) cover both paths of the
-    # small-batch experiment; every extra run costs a worker process and a compilation.
     config = tiny_config(tmp_path, small_batch_norms="batch_renorm,group", test_subset=8, workers=2,
                          data_dir=str(fixture_dir), expected_per_file=16)
+    if names is not None:
+        config.norms = names
     results = compare.run_comparison(config, data=data, progress=False)
-    assert list(results["runs"]) == list(NORMS)
+    want = list(NORMS) if names is None else names.split(",")
+    assert sorted(results["runs"]) == sorted(want)
+    if names is None:
+        assert list(results["runs"]) == list(NORMS)
     for name, s in results["runs"].items():
         assert 0.0 <= s["test_accuracy"] <= 1.0 and np.isfinite(s["final_train_loss"]), name
         assert s["images_per_s"] > 0 and s["params"] > 0 and s["steps"] == 10
