@@ -68,8 +68,8 @@ class LayerNorm(_SampleFamily):
     .. math:: y = \gamma \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} + \beta
 
     with mean and variance over ``reduction_axes`` of each example (default: the last
-    axis) and ``gamma, beta`` over ``feature_axes``. The variance uses the stable corrected
-    two-pass algorithm, so inputs with ``|mean| >> std`` keep their precision.
+    axis) and ``gamma, beta`` over ``feature_axes``. The variance is computed stably (see
+    ``normzoo._stats``), so inputs with ``|mean| >> std`` keep their precision.
 
     Example:
       >>> import jax, jax.numpy as jnp

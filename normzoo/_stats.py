@@ -25,8 +25,9 @@ Numerics (why it looks the way it does):
   any ``mean**2 > 16 var`` (a mean beyond 4 standard deviations, where the fast
   variance could lose more than ~4 bits) a ``lax.cond`` redoes the shifted sums around
   that mean, which is then accurate to float32 rounding. Typical activations never
-  take the second pass; x ~ N(1e4, 1) always does. The check is per device, before
-  any communication. Other backends fuse the subtraction into the reduction, so they
+  take the second pass; x ~ N(1e4, 1) always does. Under pmap and shard_map the check
+  is per device, before any communication; under jit with a batch-sharded input (simulated
+  CPU devices) checking per-example statistics adds one scalar all-reduce. Other backends fuse the subtraction into the reduction, so they
   always take the one shifted pass: no data-dependent branch (a host round trip on
   GPU; for per-example statistics of a batch-sharded input under jit, a collective).
   :func:`checked_fast_sums` says which path is in use.
