@@ -190,8 +190,9 @@ class BatchNorm(_BatchFamily):
     Differences: the variance is always computed stably (shifted sums, or on CPU the fast
     sums checked and redone shifted when a mean exceeds 4 standard deviations; flax's default
     ``E[x^2] - E[x]^2`` returns garbage for float32 inputs with ``|mean| >> std``);
-    ``use_fast_variance`` is accepted for compatibility and has no effect. With ``axis_name`` the statistics are combined across devices with one
-    ``psum`` that hands every device all per-device ``(count, mean, M2)`` triples, and
+    ``use_fast_variance`` is accepted for compatibility and has no effect. With
+    ``axis_name`` the statistics are combined across devices with one ``psum`` that
+    hands every device all per-device ``(count, mean, M2)`` triples, and
     Chan's formula; this is stable, count-weighted (correct under masks and uneven
     batches) and works with ``axis_index_groups`` under ``shard_map``. Under ``jit``
     with a batch sharded by ``NamedSharding`` leave ``axis_name=None``: the compiler

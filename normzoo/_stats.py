@@ -26,11 +26,10 @@ Numerics (why it looks the way it does):
   variance could lose more than ~4 bits) a ``lax.cond`` redoes the shifted sums around
   that mean, which is then accurate to float32 rounding. Typical activations never
   take the second pass; x ~ N(1e4, 1) always does. Under pmap and shard_map the check
-  is per device, before any communication; under jit with a batch-sharded input (simulated
-  CPU devices) checking per-example statistics adds one scalar all-reduce. Other backends fuse the subtraction into the reduction, so they
-  always take the one shifted pass: no data-dependent branch (a host round trip on
-  GPU; for per-example statistics of a batch-sharded input under jit, a collective).
-  :func:`checked_fast_sums` says which path is in use.
+  is per device, before any communication; under jit with a batch-sharded input
+  (simulated CPU devices) checking per-example statistics adds one scalar all-reduce.
+  Other backends fuse the subtraction into the reduction, so they always take the one
+  shifted pass (:func:`checked_fast_sums` says which path is in use).
 * The derivatives of the statistics are written out (``dmean = dx/n``,
   ``dM2 = 2 (x - mean) dx``, :func:`local_moments`), not traced through these choices.
   The output map ``y = (x - mean) * mul + add`` is applied as ``x * mul + (add - mean

@@ -17,5 +17,14 @@ def rng():
     return np.random.default_rng(0)
 
 
+@pytest.fixture(params=[True, False], ids=["checked-fast-sums", "shifted-sums"])
+def stats_path(request, monkeypatch):
+    """Both statistics paths: CPU's checked fast sums, and the shifted sums of other backends."""
+    import normzoo
+
+    monkeypatch.setattr(normzoo._stats, "checked_fast_sums", lambda: request.param)
+    return request.param
+
+
 def pytest_report_header(config):
     return f"jax {jax.__version__}, devices: {jax.device_count()} x {jax.devices()[0].platform}"

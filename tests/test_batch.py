@@ -120,15 +120,13 @@ def test_gradients_match_reference(case):
     np.testing.assert_allclose(gx, want, atol=5e-4 if case == "large_mean" else 2e-5)
 
 
-@pytest.mark.parametrize("checked", [True, False], ids=["checked-fast-sums", "shifted-sums"])
 @pytest.mark.parametrize("sigmas", [0.0, 3.5, 4.5, 1e4])
-def test_both_statistics_paths_on_both_sides_of_the_4_sigma_check(monkeypatch, checked, sigmas):
+def test_both_statistics_paths_on_both_sides_of_the_4_sigma_check(stats_path, sigmas):
     """Means at 3.5 and 4.5 standard deviations sit either side of the fast path's check.
 
-    ``checked=False`` forces the shifted sums that non-CPU backends use, so both paths
+    ``stats_path`` also forces the shifted sums that non-CPU backends use, so both paths
     are held to the same float64 reference, values and gradients, mask included.
     """
-    monkeypatch.setattr(normzoo._stats, "checked_fast_sums", lambda: checked)
     rng = np.random.default_rng(7)
     x = (rng.normal(size=(24, 5, 3)) * 0.5 + 0.5 * sigmas).astype(np.float32)
     w = rng.normal(size=x.shape).astype(np.float32)
@@ -141,7 +139,7 @@ def test_both_statistics_paths_on_both_sides_of_the_4_sigma_check(monkeypatch, c
 
     def loss(x):
         y, upd = layer.apply(
-            {"params": {"scale": scale, "bias": np.zeros(3, np.float32)}, **{"batch_stats": v["batch_stats"]}},
+            {"params": {"scale": scale, "bias": np.zeros(3, np.float32)}, "batch_stats": v["batch_stats"]},
             x, mask=mask, mutable=["batch_stats"],
         )
         return jnp.sum(jnp.where(mask, y * w, 0)), (y, upd)

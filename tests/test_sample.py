@@ -31,13 +31,6 @@ LAYERS = {
 }
 
 
-@pytest.fixture(params=[True, False], ids=["checked-fast-sums", "shifted-sums"])
-def stats_path(request, monkeypatch):
-    """Both statistics paths: CPU's checked fast sums, and the shifted sums of other backends."""
-    monkeypatch.setattr(normzoo._stats, "checked_fast_sums", lambda: request.param)
-    return request.param
-
-
 @pytest.mark.parametrize("case", sorted(["normal", "large_mean", "constant_channel"]))
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_matches_reference(name, case, stats_path):
