@@ -1,9 +1,15 @@
-"""Batch-statistics family: BatchNorm, BatchRenorm, MeanOnlyBatchNorm."""
+"""Batch-statistics family: BatchNorm, BatchRenorm, MeanOnlyBatchNorm.
+
+Each layer's ``affine_map`` reads top to bottom: validate, variables, statistics, map,
+update. ``__call__`` applies that map to ``x``; IBN and deployment code call
+``affine_map`` for the map itself.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -12,17 +18,95 @@ from flax.linen import initializers
 from jax import lax
 
 from normzoo import _stats
+from normzoo._stats import AffineMap, RunningStats
 
 Array = jax.Array
 Initializer = Any
 
 
-class _BatchFamily(nn.Module):
-    """Shared fields and machinery of the layers that normalize by batch statistics.
+class _Layout(NamedTuple):
+    """Static facts about one input: how statistics are taken and broadcast back."""
 
-    Subclasses choose how statistics become the affine map ``(mean, inv, offset)``
-    in training (:meth:`_train_map`) and at inference (:meth:`_eval_map`).
-    """
+    reduce: tuple[int, ...]  # axes the statistics reduce (of the ghost view, if any)
+    shape: tuple[int, ...]  # feature shape: the variables' shape
+    view: tuple[int, ...]  # per-feature arrays reshaped to broadcast against x
+    ghosts: int | None  # number of ghost batches (virtual_batch_size), or None
+    batch: int  # size of axis 0
+
+    def ghost_view(self, a: Array | None) -> Array | None:
+        """Reshape in: x (or its mask) with a leading axis of ghost batches."""
+        if a is None or self.ghosts is None:
+            return a
+        return jnp.reshape(a, (self.ghosts, a.shape[0] // self.ghosts) + a.shape[1:])
+
+    def expand(self, stat: Array) -> Array:
+        """Reshape out: per-feature (or per-ghost-batch) statistics broadcast against x."""
+        if jnp.ndim(stat) == len(self.shape):  # one per feature
+            return jnp.reshape(stat, self.view)
+        per_ghost = jnp.reshape(stat, (self.ghosts, 1) + self.view[1:])
+        repeated = jnp.broadcast_to(per_ghost, (self.ghosts, self.batch // self.ghosts) + self.view[1:])
+        return jnp.reshape(repeated, (self.batch,) + self.view[1:])
+
+
+def _layout(mdl: nn.Module, x: Array) -> _Layout:
+    """Validates ``axis`` and ``virtual_batch_size`` against ``x``."""
+    layer = type(mdl).__name__
+    features = _stats.canonicalize_axes(x.ndim, mdl.axis, argument="axis", layer=layer)
+    reduce = tuple(i for i in range(x.ndim) if i not in features)
+    v, ghosts = mdl.virtual_batch_size, None
+    if v is not None:
+        if not isinstance(v, numbers.Integral) or v <= 0:
+            raise ValueError(f"{layer}: virtual_batch_size={v!r} must be a positive int or None.")
+        if 0 in features:
+            raise ValueError(
+                f"{layer}: virtual_batch_size needs axis 0 to be the batch axis, but "
+                f"axis={mdl.axis!r} makes it a feature axis."
+            )
+        if x.shape[0] % v:
+            raise ValueError(
+                f"{layer}: virtual_batch_size={v} must divide the batch dimension "
+                f"(axis 0) of the input, got shape {tuple(x.shape)}; choose a divisor "
+                f"of {x.shape[0]} or pad the batch."
+            )
+        ghosts, reduce = x.shape[0] // v, tuple(a + 1 for a in reduce)
+    shape = tuple(x.shape[a] for a in features)
+    view = _stats.feature_view(x.ndim, features, x.shape)
+    return _Layout(reduce, shape, view, ghosts, x.shape[0] if x.ndim else 1)
+
+
+def _batch_moments(mdl: nn.Module, x: Array, layout: _Layout, mask: Array | None):
+    """``(mean, var)`` for the map (one per ghost batch with ``virtual_batch_size``) and
+    ``(mean, var)`` for the running averages (their average over ghost batches)."""
+    layer = type(mdl).__name__
+    mask = _stats.check_mask(mask, x, layer=layer)
+    # Under `init` the mapped axis need not exist yet (flax does the same).
+    axis_name = None if mdl.is_initializing() else mdl.axis_name
+    if layout.ghosts is None:
+        mean, var = _stats.moments(
+            x, layout.reduce, mask=mask, dtype=mdl.dtype, axis_name=axis_name,
+            axis_index_groups=mdl.axis_index_groups, layer=layer,
+        )
+        return (mean, var), (mean, var)
+    # Ghost statistics stay on each device; only their averages, which feed the running
+    # statistics, are averaged across devices, so every replica keeps the same batch_stats.
+    mean, var = _stats.moments(
+        layout.ghost_view(x), layout.reduce, mask=layout.ghost_view(mask), dtype=mdl.dtype,
+        layer=layer,
+    )
+    avg = jnp.mean(mean, 0), jnp.mean(var, 0)
+    if axis_name is not None:
+        stacked, member = _stats.gather_all(
+            jnp.stack([avg[0], avg[1].astype(avg[0].dtype)]), axis_name, mdl.axis_index_groups,
+            layer=layer,
+        )
+        both = _stats.group_mean(stacked, member)
+        avg = both[0], jnp.real(both[1])
+    return (mean, var), avg
+
+
+class _BatchFields(nn.Module):
+    """flax.linen.BatchNorm's fields in flax's order with flax's defaults, then ours
+    (keyword-only), and the one ``__call__`` of the family: apply :meth:`affine_map`."""
 
     use_running_average: bool | None = None
     axis: int | tuple[int, ...] = -1
@@ -37,144 +121,54 @@ class _BatchFamily(nn.Module):
     axis_name: str | None = None
     axis_index_groups: Any = None
     use_fast_variance: bool = True
-    virtual_batch_size: int | None = None
+    force_float32_reductions: bool = True
+    virtual_batch_size: int | None = dataclasses.field(default=None, kw_only=True)
 
-    _tracks_var = True
-    # Return the AffineMap instead of applying it (set by IBN's parts; not a dataclass field).
-    _return_map = False
+    @nn.compact
+    def __call__(
+        self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
+    ) -> Array:
+        """Normalizes ``x``.
 
-    def _validate(self, x: Array) -> None:
-        layer = type(self).__name__
-        if not 0.0 <= self.momentum <= 1.0:
-            raise ValueError(
-                f"{layer}: momentum={self.momentum!r} must lie in [0, 1] (flax convention: "
-                "running = momentum * running + (1 - momentum) * batch; PyTorch's 0.1 is 0.9 here)."
-            )
-        v = self.virtual_batch_size
-        if v is not None:
-            if not isinstance(v, numbers.Integral) or v <= 0:
-                raise ValueError(
-                    f"{layer}: virtual_batch_size={v!r} must be a positive int or None."
-                )
-            if x.ndim == 0 or x.shape[0] % v:
-                raise ValueError(
-                    f"{layer}: virtual_batch_size={v} must divide the batch dimension "
-                    f"(axis 0) of the input, got shape {tuple(x.shape)}; choose a divisor "
-                    f"of {x.shape[0] if x.ndim else 0} or pad the batch."
-                )
+        Args:
+          x: the input.
+          use_running_average: if True, normalize with the running statistics; may be
+            given here or at construction, not both.
+          mask: boolean, broadcastable to ``x``; only True positions enter the statistics
+            (every position is normalized).
 
-    def _train_map(self, mean, var, ra_mean, ra_var, steps):
-        raise NotImplementedError
+        Returns:
+          The normalized input, of x's shape.
+        """
+        return self._map(x, use_running_average, mask)(x)
 
-    def _eval_map(self, ra_mean, ra_var):
-        raise NotImplementedError
+    @nn.compact
+    def affine_map(
+        self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
+    ) -> AffineMap:
+        """The map ``y = (x - mean) * mul + add`` that ``__call__`` applies to ``x``.
 
-    def _extra_state(self):
-        """Extra ``batch_stats`` variables (BatchRenorm's step counter)."""
-        return None
+        Same arguments, variables and running-statistics update as ``__call__``, which is
+        ``affine_map(x, ...)(x)``. At inference the map is per channel: ``mul`` and
+        ``add - mean * mul`` are the scale and shift to fold into a preceding linear layer.
+        Layers built from this one (IBN) join maps and apply them in one pass.
+        """
+        return self._map(x, use_running_average, mask)
 
-    def _normalize(self, x: Array, use_running_average: bool | None, mask: Array | None):
-        layer = type(self).__name__
-        use_ra = nn.merge_param(
-            "use_running_average", self.use_running_average, use_running_average
+    @nn.nowrap
+    def _running_dtype(self) -> Any:
+        return jnp.float32 if self.force_float32_reductions else self.param_dtype
+
+    @nn.nowrap
+    def _params(self, layout: _Layout):
+        return _stats.affine_params(
+            self, layout.shape, layout.view, use_scale=self.use_scale, use_bias=self.use_bias,
+            scale_init=self.scale_init, bias_init=self.bias_init, param_dtype=self.param_dtype,
+            force_float32_reductions=self.force_float32_reductions,
         )
-        self._validate(x)
-        feature_axes = _stats.canonicalize_axes(x.ndim, self.axis, argument="axis", layer=layer)
-        reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
-        if not reduction_axes:
-            raise ValueError(
-                f"{layer}: axis={self.axis!r} leaves no axis to compute statistics over "
-                f"for an input of shape {tuple(x.shape)}; the feature axes must exclude the batch axis."
-            )
-        if self.virtual_batch_size is not None and 0 in feature_axes:
-            raise ValueError(
-                f"{layer}: virtual_batch_size needs axis 0 to be the batch axis, but "
-                f"axis={self.axis!r} makes it a feature axis."
-            )
-        feature_shape = tuple(x.shape[a] for a in feature_axes)
-        view = _stats.feature_view(x.ndim, feature_axes, x.shape)
-        ra_mean = _stats.variable_with_shape(
-            self, "batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), feature_shape,
-            what="feature shape",
-        )
-        ra_var = None
-        if self._tracks_var:
-            ra_var = _stats.variable_with_shape(
-                self, "batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), feature_shape,
-                what="feature shape",
-            )
-        steps = self._extra_state()
-        affine = dict(
-            param_shape=feature_shape, param_view=view, dtype=self.dtype,
-            param_dtype=self.param_dtype, use_bias=self.use_bias, use_scale=self.use_scale,
-            bias_init=self.bias_init, scale_init=self.scale_init,
-        )
-        if use_ra:
-            mean, inv = self._eval_map(ra_mean.value, None if ra_var is None else ra_var.value)
-            amap = _stats.normalize(
-                self, x, jnp.reshape(mean, view), jnp.reshape(inv, view), return_map=True, **affine
-            )
-            return amap if self._return_map else amap(x)
-
-        mask = _stats.check_mask(mask, x, layer=layer)
-        # Under `init` the mapped axis need not exist yet (flax does the same).
-        axis_name = None if self.is_initializing() else self.axis_name
-        v = self.virtual_batch_size
-        xs, ms, red = x, mask, reduction_axes
-        if v is not None:
-            # Ghost batches: a leading axis of x.shape[0] // v groups, stats per group.
-            xs = jnp.reshape(x, (x.shape[0] // v, v) + x.shape[1:])
-            ms = None if mask is None else jnp.reshape(mask, xs.shape)
-            red = tuple(a + 1 for a in reduction_axes)
-        mean, var = _stats.moments(
-            xs, red, mask=ms, dtype=self.dtype,
-            axis_name=None if v is not None else axis_name,
-            axis_index_groups=self.axis_index_groups, layer=layer,
-        )
-        old_mean = ra_mean.value
-        old_var = None if ra_var is None else ra_var.value
-        if v is not None:
-            ghost_view = (xs.shape[0],) + view
-            batch_mean, batch_var = jnp.mean(mean, 0), jnp.mean(var, 0)
-            if axis_name is not None:
-                # Ghost statistics stay local; only the running averages are synced so
-                # that every replica keeps identical batch_stats.
-                both, member = _stats.gather_all(
-                    jnp.stack([batch_mean, batch_var]), axis_name, self.axis_index_groups,
-                    layer=layer,
-                )
-                batch_mean, batch_var = _stats.group_mean(both, member)
-            m, inv, offset = self._train_map(
-                mean, var, old_mean[None], None if old_var is None else old_var[None], steps
-            )
-            m, inv = jnp.reshape(m, ghost_view), jnp.reshape(inv, ghost_view)
-            offset = None if offset is None else jnp.reshape(offset, ghost_view)
-            amap = _stats.normalize(self, xs, m, inv, offset=offset, return_map=True, **affine)
-            # One map per ghost batch, repeated for each of its examples.
-            per_example = lambda a: None if a is None else jnp.reshape(  # noqa: E731
-                jnp.broadcast_to(a, (xs.shape[0], v) + view[1:]), (x.shape[0],) + view[1:])
-            amap = amap._replace(
-                mean=per_example(amap.mean), mul=per_example(amap.mul), add=per_example(amap.add)
-            )
-        else:
-            batch_mean, batch_var = mean, var
-            m, inv, offset = self._train_map(mean, var, old_mean, old_var, steps)
-            offset = None if offset is None else jnp.reshape(offset, view)
-            amap = _stats.normalize(
-                self, x, jnp.reshape(m, view), jnp.reshape(inv, view), offset=offset,
-                return_map=True, **affine,
-            )
-        if not self.is_initializing():
-            mom = self.momentum
-            ra_mean.value = mom * old_mean + (1.0 - mom) * batch_mean
-            if ra_var is not None:
-                ra_var.value = mom * old_var + (1.0 - mom) * batch_var
-            if steps is not None:
-                steps.value = steps.value + 1
-        return amap if self._return_map else amap(x)
 
 
-class BatchNorm(_BatchFamily):
+class BatchNorm(_BatchFields):
     r"""Batch normalization (Ioffe & Szegedy 2015, arXiv:1502.03167); drop-in for ``flax.linen.BatchNorm``.
 
     In training, with ``\mu_B`` and ``\sigma_B^2`` the mean and (biased) variance of the
@@ -185,18 +179,19 @@ class BatchNorm(_BatchFamily):
     and the running statistics are updated as ``r = momentum * r + (1 - momentum) * b``.
     With ``use_running_average=True`` the running statistics replace the batch ones.
 
-    Fields, defaults and variables (``params/{scale,bias}``, ``batch_stats/{mean,var}``) are
-    flax.linen's, so ``nn.BatchNorm`` and ``normzoo.BatchNorm`` read each other's variables.
-    Differences: the variance is always computed stably (shifted sums, or on CPU the fast
-    sums checked and redone shifted when a mean exceeds 4 standard deviations; flax's default
-    ``E[x^2] - E[x]^2`` returns garbage for float32 inputs with ``|mean| >> std``);
-    ``use_fast_variance`` is accepted for compatibility and has no effect. With
-    ``axis_name`` the statistics are combined across devices with one ``psum`` that
-    hands every device all per-device ``(count, mean, M2)`` triples, and
-    Chan's formula; this is stable, count-weighted (correct under masks and uneven
-    batches) and works with ``axis_index_groups`` under ``shard_map``. Under ``jit``
-    with a batch sharded by ``NamedSharding`` leave ``axis_name=None``: the compiler
-    reduces across devices itself.
+    Fields (order, defaults), call arguments and variables (``params/{scale,bias}``,
+    ``batch_stats/{mean,var}``) are flax.linen's, so ``nn.BatchNorm`` and
+    ``normzoo.BatchNorm`` take the same arguments and read each other's variables.
+    Differences: the variance is always computed stably, so ``use_fast_variance`` is
+    accepted and has no effect (flax's default ``E[x^2] - E[x]^2`` returns garbage for
+    float32 inputs with ``|mean| >> std``); statistics are always reduced in at least
+    float32, so ``force_float32_reductions=False`` keeps only its effect on the variables'
+    dtypes (running statistics in ``param_dtype``). With ``axis_name`` the statistics are
+    combined across devices with one ``psum`` that hands every device all per-device
+    ``(count, mean, M2)`` triples, and Chan's formula; this is stable, count-weighted
+    (correct under masks and uneven batches) and works with ``axis_index_groups`` under
+    ``shard_map``. Under ``jit`` with a batch sharded by ``NamedSharding`` leave
+    ``axis_name=None``: the compiler reduces across devices itself.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -211,7 +206,8 @@ class BatchNorm(_BatchFamily):
     Attributes:
       use_running_average: if True, normalize with the running statistics (inference);
         may also be given at call time.
-      axis: the feature axis (or axes); statistics are taken over all others.
+      axis: the feature axis (or axes); statistics are taken over all others (none left is
+        allowed, as in flax: e.g. per example under ``jax.vmap`` with ``axis_name``).
       momentum: decay of the running averages.
       epsilon: added to the variance.
       dtype: dtype of the result (default: promote input and params, as flax).
@@ -220,29 +216,34 @@ class BatchNorm(_BatchFamily):
       use_scale: learn a scale ``gamma``.
       bias_init: initializer of ``bias``.
       scale_init: initializer of ``scale``.
-      axis_name: mapped axis (pmap / shard_map) to synchronize statistics over.
+      axis_name: mapped axis (pmap / shard_map / vmap) to synchronize statistics over.
       axis_index_groups: partition of ``axis_name`` into groups synchronized separately.
       use_fast_variance: accepted for flax compatibility; ignored (always stable).
-      virtual_batch_size: ghost batch size: statistics are computed over consecutive
-        sub-batches of this many examples of each device's batch (Hoffer et al. 2017);
-        the running statistics are updated with their average.
+      force_float32_reductions: as flax: if False the running statistics are kept in
+        ``param_dtype``; the statistics themselves are still reduced in float32.
+      virtual_batch_size: (keyword-only) ghost batch size: statistics are computed over
+        consecutive sub-batches of this many examples of each device's batch (Hoffer et
+        al. 2017); the running statistics are updated with their average.
     """
 
-    @nn.compact
-    def __call__(
-        self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
-    ) -> Array:
-        """Normalizes ``x``; ``mask`` (boolean, broadcastable) selects what enters the statistics."""
-        return self._normalize(x, use_running_average, mask)
+    @nn.nowrap
+    def _map(self, x: Array, use_running_average: bool | None, mask: Array | None) -> AffineMap:
+        use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        layout = _layout(self, x)
+        running = RunningStats.create(self, layout.shape, momentum=self.momentum, dtype=self._running_dtype())
+        scale, bias = self._params(layout)
+        if use_ra:
+            mean, var = running.mean.value, running.var.value
+        else:
+            (mean, var), batch = _batch_moments(self, x, layout, mask)
+            running.update(self, *batch, _stats.nominal_dtype(x.dtype, self.dtype, self.force_float32_reductions))
+        return AffineMap.normalizing(
+            x, layout.expand(mean), layout.expand(lax.rsqrt(var + self.epsilon)),
+            scale=scale, bias=bias, dtype=self.dtype,
+        )
 
-    def _train_map(self, mean, var, ra_mean, ra_var, steps):
-        return mean, lax.rsqrt(var + self.epsilon), None
 
-    def _eval_map(self, ra_mean, ra_var):
-        return ra_mean, lax.rsqrt(ra_var + self.epsilon)
-
-
-class BatchRenorm(_BatchFamily):
+class BatchRenorm(_BatchFields):
     r"""Batch renormalization (Ioffe 2017, arXiv:1702.03275).
 
     In training, with batch statistics ``\mu_B, \sigma_B = \sqrt{\sigma_B^2 + \epsilon}`` and
@@ -271,26 +272,42 @@ class BatchRenorm(_BatchFamily):
       1
 
     Attributes:
-      r_max: upper clip of ``r`` (>= 1); the lower clip is ``1 / r_max``.
-      d_max: clip of ``|d|`` (>= 0).
-      warmup_steps: steps over which the bounds relax from (1, 0) to (r_max, d_max);
-        0 applies the targets from the first step.
-      (all other fields): as :class:`BatchNorm`.
+      r_max: (keyword-only) upper clip of ``r`` (>= 1); the lower clip is ``1 / r_max``.
+      d_max: (keyword-only) clip of ``|d|`` (>= 0).
+      warmup_steps: (keyword-only) steps over which the bounds relax from (1, 0) to
+        (r_max, d_max); 0 applies the targets from the first step.
+      (all other fields): as :class:`BatchNorm`, in the same order.
     """
 
-    r_max: float = 3.0
-    d_max: float = 5.0
-    warmup_steps: int = 5000
+    r_max: float = dataclasses.field(default=3.0, kw_only=True)
+    d_max: float = dataclasses.field(default=5.0, kw_only=True)
+    warmup_steps: int = dataclasses.field(default=5000, kw_only=True)
 
-    @nn.compact
-    def __call__(
-        self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
-    ) -> Array:
-        """Renormalizes ``x``; ``mask`` (boolean, broadcastable) selects what enters the statistics."""
-        return self._normalize(x, use_running_average, mask)
+    @nn.nowrap
+    def _map(self, x: Array, use_running_average: bool | None, mask: Array | None) -> AffineMap:
+        use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        self._check_bounds()
+        layout = _layout(self, x)
+        running = RunningStats.create(self, layout.shape, momentum=self.momentum, dtype=self._running_dtype())
+        steps = self.variable("batch_stats", "steps", lambda: jnp.zeros((), jnp.int32))
+        scale, bias = self._params(layout)
+        if use_ra:
+            mean, inv, d = running.mean.value, lax.rsqrt(running.var.value + self.epsilon), None
+        else:
+            (mean, var), batch = _batch_moments(self, x, layout, mask)
+            inv_batch = lax.rsqrt(var + self.epsilon)
+            r, d = self._correction(mean, inv_batch, running, steps.value)
+            inv = inv_batch * r
+            running.update(self, *batch, _stats.nominal_dtype(x.dtype, self.dtype, self.force_float32_reductions))
+            if not self.is_initializing():
+                steps.value = steps.value + 1
+        return AffineMap.normalizing(
+            x, layout.expand(mean), layout.expand(inv), scale=scale, bias=bias,
+            offset=None if d is None else layout.expand(d), dtype=self.dtype,
+        )
 
-    def _validate(self, x):
-        super()._validate(x)
+    @nn.nowrap
+    def _check_bounds(self) -> None:
         if not self.r_max >= 1.0:
             raise ValueError(
                 f"BatchRenorm: r_max={self.r_max!r} must be >= 1 (r is clipped to "
@@ -306,27 +323,20 @@ class BatchRenorm(_BatchFamily):
                 f"BatchRenorm: warmup_steps={self.warmup_steps!r} must be an int >= 0."
             )
 
-    def _extra_state(self):
-        return self.variable("batch_stats", "steps", lambda: jnp.zeros((), jnp.int32))
-
-    def _train_map(self, mean, var, ra_mean, ra_var, steps):
+    @nn.nowrap
+    def _correction(self, mean, inv_batch, running, steps):
+        """The paper's ``r`` and ``d`` against the running statistics before this step."""
+        t = 1.0
         if self.warmup_steps > 0:
-            t = jnp.minimum(steps.value.astype(jnp.float32) / self.warmup_steps, 1.0)
-        else:
-            t = 1.0
-        r_max = 1.0 + (self.r_max - 1.0) * t
-        d_max = self.d_max * t
-        inv_batch = lax.rsqrt(var + self.epsilon)
-        inv_run = lax.rsqrt(ra_var + self.epsilon)
-        r = lax.stop_gradient(jnp.clip((inv_run / inv_batch), 1.0 / r_max, r_max))
-        d = lax.stop_gradient(jnp.clip((mean - ra_mean) * inv_run, -d_max, d_max))
-        return mean, inv_batch * r, d
-
-    def _eval_map(self, ra_mean, ra_var):
-        return ra_mean, lax.rsqrt(ra_var + self.epsilon)
+            t = jnp.minimum(steps.astype(jnp.float32) / self.warmup_steps, 1.0)
+        r_max, d_max = 1.0 + (self.r_max - 1.0) * t, self.d_max * t
+        inv_run = lax.rsqrt(running.var.value + self.epsilon)
+        r = lax.stop_gradient(jnp.clip(inv_run / inv_batch, 1.0 / r_max, r_max))
+        d = lax.stop_gradient(jnp.clip((mean - running.mean.value) * inv_run, -d_max, d_max))
+        return r, d
 
 
-class MeanOnlyBatchNorm(_BatchFamily):
+class MeanOnlyBatchNorm(_BatchFields):
     r"""Mean-only batch normalization (Salimans & Kingma 2016, arXiv:1602.07868, sec. 3.2).
 
     Subtracts the batch mean (running mean at inference) and adds a learned bias; no
@@ -345,21 +355,26 @@ class MeanOnlyBatchNorm(_BatchFamily):
       [[-2.0, -2.0], [0.0, 0.0], [2.0, 2.0]]
 
     Attributes:
-      As :class:`BatchNorm`; ``use_scale`` is False and only ``batch_stats/mean`` is kept.
+      As :class:`BatchNorm`; ``use_scale`` defaults to False and only ``batch_stats/mean``
+      is kept.
     """
 
     use_scale: bool = False
-    _tracks_var = False
 
-    @nn.compact
-    def __call__(
-        self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
-    ) -> Array:
-        """Centres ``x``; ``mask`` (boolean, broadcastable) selects what enters the statistics."""
-        return self._normalize(x, use_running_average, mask)
-
-    def _train_map(self, mean, var, ra_mean, ra_var, steps):
-        return mean, jnp.ones_like(mean), None
-
-    def _eval_map(self, ra_mean, ra_var):
-        return ra_mean, jnp.ones_like(ra_mean)
+    @nn.nowrap
+    def _map(self, x: Array, use_running_average: bool | None, mask: Array | None) -> AffineMap:
+        use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        layout = _layout(self, x)
+        running = RunningStats.create(
+            self, layout.shape, momentum=self.momentum, dtype=self._running_dtype(), track_var=False
+        )
+        scale, bias = self._params(layout)
+        if use_ra:
+            mean = running.mean.value
+        else:
+            (mean, _), (batch_mean, _) = _batch_moments(self, x, layout, mask)
+            running.update(self, batch_mean, None, _stats.nominal_dtype(x.dtype, self.dtype, self.force_float32_reductions))
+        mean = layout.expand(mean)
+        return AffineMap.normalizing(
+            x, mean, jnp.ones(mean.shape, jnp.real(mean).dtype), scale=scale, bias=bias, dtype=self.dtype
+        )

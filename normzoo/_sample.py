@@ -1,7 +1,12 @@
-"""Per-sample family: LayerNorm, RMSNorm, GroupNorm, InstanceNorm."""
+"""Per-sample family: LayerNorm, RMSNorm, GroupNorm, InstanceNorm.
+
+Fields are flax.linen's, in flax's order with flax's defaults; normzoo-only fields come
+after them and are keyword-only.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -11,58 +16,44 @@ from flax.linen import initializers
 from jax import lax
 
 from normzoo import _stats
+from normzoo._stats import AffineMap, RunningStats
 
 Array = jax.Array
 Initializer = Any
 Axes = Any
 
 
-class _SampleFamily(nn.Module):
-    """Fields shared with flax.linen's per-sample layers."""
-
-    epsilon: float = 1e-6
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    use_bias: bool = True
-    use_scale: bool = True
-    bias_init: Initializer = initializers.zeros
-    scale_init: Initializer = initializers.ones
-    axis_name: str | None = None
-    axis_index_groups: Any = None
-    use_fast_variance: bool = True
-
-    # Return the AffineMap instead of applying it (set by IBN's parts; not a dataclass field).
-    _return_map = False
-
-    def _apply(self, x, mask, reduction_axes, feature_axes, *, use_mean=True, stats=None):
-        """Normalizes ``x`` over ``reduction_axes`` with per-``feature_axes`` params."""
-        if stats is None:
-            stats = _stats.moments(
-                x, reduction_axes, mask=mask, use_mean=use_mean, dtype=self.dtype,
-                axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-                layer=type(self).__name__,
-            )
-        mean, var = stats
-        return _stats.normalize(
-            self, x, _stats.expand(mean, reduction_axes),
-            _stats.expand(lax.rsqrt(var + self.epsilon), reduction_axes),
-            param_shape=tuple(x.shape[a] for a in feature_axes),
-            param_view=_stats.feature_view(x.ndim, feature_axes, x.shape),
-            dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.use_bias and use_mean,
-            use_scale=self.use_scale, bias_init=self.bias_init, scale_init=self.scale_init,
-            return_map=self._return_map,
-        )
+def _normalizing_map(
+    mdl: nn.Module, x: Array, mean: Array, var: Array, reduction_axes, feature_axes, *,
+    use_bias: bool,
+) -> AffineMap:
+    """The map ``(x - mean) / sqrt(var + eps) * scale + bias`` of a per-sample layer: the
+    statistics lack ``reduction_axes``, ``scale`` and ``bias`` span ``feature_axes``."""
+    scale, bias = _stats.affine_params(
+        mdl, tuple(x.shape[a] for a in feature_axes),
+        _stats.feature_view(x.ndim, feature_axes, x.shape), use_scale=mdl.use_scale,
+        use_bias=use_bias, scale_init=mdl.scale_init, bias_init=mdl.bias_init,
+        param_dtype=mdl.param_dtype, force_float32_reductions=mdl.force_float32_reductions,
+    )
+    return AffineMap.normalizing(
+        x, jnp.expand_dims(mean, reduction_axes),
+        jnp.expand_dims(lax.rsqrt(var + mdl.epsilon), reduction_axes),
+        scale=scale, bias=bias, dtype=mdl.dtype,
+    )
 
 
-    def _apply_over_axes(self, x, mask, *, use_mean):
-        """LayerNorm/RMSNorm: statistics over ``reduction_axes``, parameters over ``feature_axes``."""
-        layer = type(self).__name__
-        red = _stats.canonicalize_axes(x.ndim, self.reduction_axes, argument="reduction_axes", layer=layer)
-        feat = _stats.canonicalize_axes(x.ndim, self.feature_axes, argument="feature_axes", layer=layer)
-        return self._apply(x, mask, red, feat, use_mean=use_mean)
+def _moments(mdl: nn.Module, x: Array, axes, mask, *, use_mean: bool = True):
+    return _stats.moments(
+        x, axes, mask=mask, use_mean=use_mean, dtype=mdl.dtype, axis_name=mdl.axis_name,
+        axis_index_groups=mdl.axis_index_groups, layer=type(mdl).__name__,
+    )
 
 
-class LayerNorm(_SampleFamily):
+def _axes(mdl: nn.Module, x: Array, name: str) -> tuple[int, ...]:
+    return _stats.canonicalize_axes(x.ndim, getattr(mdl, name), argument=name, layer=type(mdl).__name__)
+
+
+class LayerNorm(nn.Module):
     r"""Layer normalization (Ba et al. 2016, arXiv:1607.06450); drop-in for ``flax.linen.LayerNorm``.
 
     .. math:: y = \gamma \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} + \beta
@@ -88,25 +79,43 @@ class LayerNorm(_SampleFamily):
       reduction_axes: axes to normalize over.
       feature_axes: axes that get their own ``scale`` and ``bias``.
       axis_name, axis_index_groups: combine statistics across a mapped axis (only needed
-        when one example is split across devices, e.g. sequence parallelism).
+        when one example is split across devices, e.g. sequence parallelism); weighted by
+        counts, where flax averages the devices' means.
       use_fast_variance: accepted for flax compatibility; ignored (always stable).
+      force_float32_reductions: as flax, except that statistics are always reduced in at
+        least float32; False only casts ``scale`` and ``bias`` to ``param_dtype``.
     """
 
+    epsilon: float = 1e-6
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
     reduction_axes: Axes = -1
     feature_axes: Axes = -1
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
 
     @nn.compact
     def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
         """Normalizes ``x``; ``mask`` (boolean, broadcastable) selects what enters the statistics."""
-        return self._apply_over_axes(x, mask, use_mean=True)
+        reduction_axes = _axes(self, x, "reduction_axes")
+        mean, var = _moments(self, x, reduction_axes, mask)
+        return _normalizing_map(
+            self, x, mean, var, reduction_axes, _axes(self, x, "feature_axes"), use_bias=self.use_bias
+        )(x)
 
 
-class RMSNorm(_SampleFamily):
+class RMSNorm(nn.Module):
     r"""Root-mean-square normalization (Zhang & Sennrich 2019, arXiv:1910.07467); drop-in for ``flax.linen.RMSNorm``.
 
-    .. math:: y = \gamma \frac{x}{\sqrt{\mathrm{E}[x^2] + \epsilon}}
+    .. math:: y = \gamma \frac{x}{\sqrt{\mathrm{E}[|x|^2] + \epsilon}}
 
-    No centring and no bias. Example:
+    No centring and, by default, no bias. Example:
       >>> import jax, jax.numpy as jnp
       >>> import normzoo
       >>> y, _ = normzoo.RMSNorm().init_with_output(jax.random.key(0), jnp.array([[3.0, 4.0]]))
@@ -115,20 +124,37 @@ class RMSNorm(_SampleFamily):
 
     Attributes:
       epsilon, dtype, param_dtype, use_scale, scale_init, reduction_axes, feature_axes,
-      axis_name, axis_index_groups, use_fast_variance: as :class:`LayerNorm`.
+      axis_name, axis_index_groups, use_fast_variance, force_float32_reductions: as
+      :class:`LayerNorm`, in flax.linen.RMSNorm's order.
+      use_bias: (keyword-only, normzoo) add a learned bias after the scaling (default False).
+      bias_init: (keyword-only, normzoo) its initializer.
     """
 
-    use_bias: bool = False
+    epsilon: float = 1e-6
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_scale: bool = True
+    scale_init: Initializer = initializers.ones
     reduction_axes: Axes = -1
     feature_axes: Axes = -1
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+    use_bias: bool = dataclasses.field(default=False, kw_only=True)
+    bias_init: Initializer = dataclasses.field(default=initializers.zeros, kw_only=True)
 
     @nn.compact
     def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
         """Normalizes ``x`` by its root mean square over ``reduction_axes``."""
-        return self._apply_over_axes(x, mask, use_mean=False)
+        reduction_axes = _axes(self, x, "reduction_axes")
+        mean, var = _moments(self, x, reduction_axes, mask, use_mean=False)
+        return _normalizing_map(
+            self, x, mean, var, reduction_axes, _axes(self, x, "feature_axes"), use_bias=self.use_bias
+        )(x)
 
 
-class GroupNorm(_SampleFamily):
+class GroupNorm(nn.Module):
     r"""Group normalization (Wu & He 2018, arXiv:1803.08494); drop-in for ``flax.linen.GroupNorm``.
 
     The channels (last axis) are split into ``num_groups`` groups of ``group_size``
@@ -147,32 +173,40 @@ class GroupNorm(_SampleFamily):
       >>> import jax, jax.numpy as jnp
       >>> import normzoo
       >>> x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
-      >>> y, v = normzoo.GroupNorm(num_groups=2).init_with_output(jax.random.key(1), x)
+      >>> y, v = normzoo.GroupNorm(2).init_with_output(jax.random.key(1), x)
       >>> y.shape, v['params']['scale'].shape
       ((2, 4, 4, 8), (8,))
 
     Attributes:
       num_groups: number of groups (default 32); pass None to use ``group_size``.
       group_size: channels per group, instead of ``num_groups``.
-      reduction_axes: axes to normalize over; must include the last (channel) axis.
-      (others): as :class:`LayerNorm`.
+      reduction_axes: axes to normalize over; must include the last (channel) axis
+        (default: every axis but the first, as flax).
+      (others): as :class:`LayerNorm`, in flax.linen.GroupNorm's order.
     """
 
     num_groups: int | None = 32
     group_size: int | None = None
+    epsilon: float = 1e-6
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
     reduction_axes: Axes | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
 
     @nn.compact
     def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
         """Normalizes ``x`` per example and channel group."""
         layer = type(self).__name__
-        if x.ndim < 2:
-            raise ValueError(
-                f"{layer}: the input needs a batch and a channel axis, got shape {tuple(x.shape)}."
-            )
         red = self.reduction_axes
-        if red is None:
-            red = tuple(range(1, x.ndim))
+        if red is None:  # flax's default: every axis but the first, and the channels
+            red = tuple(range(1, x.ndim - 1)) + (-1,)
         red = _stats.canonicalize_axes(x.ndim, red, argument="reduction_axes", layer=layer)
         if red[-1] != x.ndim - 1:
             raise ValueError(
@@ -203,35 +237,23 @@ class GroupNorm(_SampleFamily):
                 )
         size = channels // groups
         spatial = red[:-1]
-        if spatial:
-            # Per-channel (count, mean, M2) over the spatial axes in the natural layout, then
-            # Chan's combination across the channels of each group: only the small (N, C)
-            # statistics are regrouped, never the activations.
-            count, mean, m2 = _stats.synced_moments(
-                x, spatial, mask=mask, dtype=self.dtype, axis_name=self.axis_name,
-                axis_index_groups=self.axis_index_groups, layer=layer,
-            )
-            g = lambda a: jnp.reshape(jnp.broadcast_to(a, mean.shape), mean.shape[:-1] + (groups, size))  # noqa: E731
-            count, gmean, gm2 = _stats.combine_moments(g(count), g(mean), g(m2), axis=-1)
-        else:
-            xg = jnp.reshape(x, x.shape[:-1] + (groups, size))
-            mg = None if mask is None else jnp.reshape(_stats.check_mask(mask, x, layer=layer), xg.shape)
-            count, gmean, gm2 = _stats.synced_moments(
-                xg, (x.ndim,), mask=mg, dtype=self.dtype, axis_name=self.axis_name,
-                axis_index_groups=self.axis_index_groups, layer=layer,
-            )
-        ginv = lax.rsqrt(gm2 / jnp.maximum(count, 1) + self.epsilon)
-        # Back to one value per channel (tiny arrays), broadcast over the spatial axes.
-        per_channel = lambda a: _stats.expand(jnp.repeat(a, size, axis=-1), spatial)  # noqa: E731
-        return _stats.normalize(
-            self, x, per_channel(gmean), per_channel(ginv),
-            param_shape=(channels,), param_view=(1,) * (x.ndim - 1) + (channels,), dtype=self.dtype,
-            param_dtype=self.param_dtype, use_bias=self.use_bias, use_scale=self.use_scale,
-            bias_init=self.bias_init, scale_init=self.scale_init,
+        # Per-channel (count, mean, M2) over the spatial axes in the natural layout, then
+        # Chan's combination across the channels of each group: only the small per-channel
+        # statistics are regrouped, never the activations.
+        count, mean, m2 = _stats.synced_moments(
+            x, spatial, mask=mask, dtype=self.dtype, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, layer=layer,
         )
+        grouped = lambda a: jnp.reshape(a, a.shape[:-1] + (groups, size))  # noqa: E731
+        count, gmean, gm2 = _stats.combine_moments(grouped(count), grouped(mean), grouped(m2), axis=-1)
+        per_channel = lambda a: jnp.repeat(a, size, axis=-1)  # noqa: E731
+        return _normalizing_map(
+            self, x, per_channel(gmean), per_channel(gm2 / jnp.maximum(count, 1)), spatial,
+            (x.ndim - 1,), use_bias=self.use_bias,
+        )(x)
 
 
-class InstanceNorm(_SampleFamily):
+class InstanceNorm(nn.Module):
     r"""Instance normalization (Ulyanov et al. 2016, arXiv:1607.08022); drop-in for ``flax.linen.InstanceNorm``.
 
     Each example and channel is normalized over the remaining (spatial) axes:
@@ -252,59 +274,69 @@ class InstanceNorm(_SampleFamily):
 
     Attributes:
       feature_axes: channel axes (default -1); must not include axis 0, the batch.
-      track_running_stats: keep running averages of the instance statistics.
-      use_running_average: with ``track_running_stats``, normalize with them; may be given
-        at call time.
-      momentum: decay of the running averages (flax convention).
-      (others): as :class:`LayerNorm`.
+      (others, in flax.linen.InstanceNorm's order): as :class:`LayerNorm`.
+      track_running_stats: (keyword-only, normzoo) keep running averages of the instance
+        statistics.
+      use_running_average: (keyword-only, normzoo) with ``track_running_stats``, normalize
+        with them; may be given at call time.
+      momentum: (keyword-only, normzoo) decay of the running averages (flax convention).
     """
 
+    epsilon: float = 1e-6
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
     feature_axes: Axes = -1
-    track_running_stats: bool = False
-    use_running_average: bool | None = None
-    momentum: float = 0.99
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+    track_running_stats: bool = dataclasses.field(default=False, kw_only=True)
+    use_running_average: bool | None = dataclasses.field(default=None, kw_only=True)
+    momentum: float = dataclasses.field(default=0.99, kw_only=True)
 
     @nn.compact
     def __call__(
-        self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
+        self, x: Array, *, mask: Array | None = None, use_running_average: bool | None = None
     ) -> Array:
-        """Normalizes ``x`` per example and channel."""
-        layer = type(self).__name__
-        feat = _stats.canonicalize_axes(x.ndim, self.feature_axes, argument="feature_axes", layer=layer)
-        if 0 in feat:
+        """Normalizes ``x`` per example and channel (``use_running_average``: see the class)."""
+        return self._map(x, mask, use_running_average)(x)
+
+    @nn.compact
+    def affine_map(
+        self, x: Array, *, mask: Array | None = None, use_running_average: bool | None = None
+    ) -> AffineMap:
+        """The per-example, per-channel map ``y = (x - mean) * mul + add`` that ``__call__``
+        applies to ``x`` (same arguments and variables); IBN joins it with BatchNorm's."""
+        return self._map(x, mask, use_running_average)
+
+    @nn.nowrap
+    def _map(self, x: Array, mask: Array | None, use_running_average: bool | None) -> AffineMap:
+        feature_axes = _axes(self, x, "feature_axes")
+        if 0 in feature_axes:
             raise ValueError(
-                f"{layer}: feature_axes={self.feature_axes!r} includes axis 0, which is the "
+                f"InstanceNorm: feature_axes={self.feature_axes!r} includes axis 0, which is the "
                 "batch axis; name the channel axes only (e.g. -1)."
             )
-        red = tuple(i for i in range(1, x.ndim) if i not in feat)
-        if not red:
-            raise ValueError(
-                f"{layer}: an input of shape {tuple(x.shape)} has no axis to normalize over "
-                "besides the batch and feature axes; InstanceNorm needs spatial axes."
-            )
+        reduction_axes = tuple(i for i in range(1, x.ndim) if i not in feature_axes)
         if not self.track_running_stats:
-            return self._apply(x, mask, red, feat)
+            mean, var = _moments(self, x, reduction_axes, mask)
+            return _normalizing_map(self, x, mean, var, reduction_axes, feature_axes, use_bias=self.use_bias)
         use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
-        feature_shape = tuple(x.shape[a] for a in feat)
-        ra_mean = _stats.variable_with_shape(
-            self, "batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), feature_shape,
-            what="feature shape",
-        )
-        ra_var = _stats.variable_with_shape(
-            self, "batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), feature_shape,
-            what="feature shape",
-        )
+        shape = tuple(x.shape[a] for a in feature_axes)
+        dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
+        running = RunningStats.create(self, shape, momentum=self.momentum, dtype=dtype)
         if use_ra:
             # Instance statistics have shape (batch, *features); the running ones broadcast.
-            mean = jnp.reshape(ra_mean.value, (1,) + feature_shape)
-            var = jnp.reshape(ra_var.value, (1,) + feature_shape)
-            return self._apply(x, mask, red, feat, stats=(mean, var))
-        mean, var = _stats.moments(
-            x, red, mask=mask, dtype=self.dtype, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, layer=layer,
-        )
-        if not self.is_initializing():
-            m = self.momentum
-            ra_mean.value = m * ra_mean.value + (1 - m) * jnp.mean(mean, 0)
-            ra_var.value = m * ra_var.value + (1 - m) * jnp.mean(var, 0)
-        return self._apply(x, mask, red, feat, stats=(mean, var))
+            mean = jnp.reshape(running.mean.value, (1,) + shape)
+            var = jnp.reshape(running.var.value, (1,) + shape)
+        else:
+            mean, var = _moments(self, x, reduction_axes, mask)
+            running.update(
+                self, jnp.mean(mean, 0), jnp.mean(var, 0),
+                _stats.nominal_dtype(x.dtype, self.dtype, self.force_float32_reductions),
+            )
+        return _normalizing_map(self, x, mean, var, reduction_axes, feature_axes, use_bias=self.use_bias)

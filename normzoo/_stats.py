@@ -1,45 +1,50 @@
-"""The one statistics helper shared by every normalization layer.
+"""The one statistics core shared by every normalization layer.
 
-Everything that computes a mean or a variance goes through :func:`moments`, and
-everything that turns statistics into an output goes through :func:`normalize`.
+Everything that computes a mean or a variance goes through :func:`synced_moments` (or
+:func:`moments`), and everything that turns statistics into an output goes through
+:class:`AffineMap`.
 
 Numerics (why it looks the way it does):
 
-* Statistics are computed in at least float32, whatever the input dtype.
+* Statistics are computed in at least float32, whatever the input dtype. Complex inputs
+  have a complex mean and the real variance ``E|x - mean|^2`` (flax's definition).
 * Each device first computes *local* statistics ``(count, mean, M2)`` with shifted
   sums (the corrected algorithm of Chan, Golub & LeVeque 1983): a pilot value ``p``
-  per output, then ``s1 = sum(x - p)`` and ``s2 = sum((x - p)**2)`` in one fused
-  pass; ``mean = p + s1/n`` and ``M2 = s2 - s1**2/n``. The relative error of ``M2``
-  grows like ``1 + (mean - p)**2 / var`` instead of ``1 + mean**2 / var`` for the
-  fast variance ``E[x^2] - E[x]^2`` (which loses every digit for x ~ N(1e4, 1)).
+  per output, then ``s1 = sum(x - p)`` and ``s2 = sum(|x - p|^2)`` in one fused
+  pass; ``mean = p + s1/n`` and ``M2 = s2 - |s1|^2/n``. The relative error of ``M2``
+  grows like ``1 + |mean - p|^2 / var`` instead of ``1 + |mean|^2 / var`` for the
+  fast variance ``E|x|^2 - |E x|^2`` (which loses every digit for x ~ N(1e4, 1)).
   The pilot is the mean of the first slice along the innermost reduced axis (e.g.
   column 0 of every image of a BatchNorm batch, the first feature of a LayerNorm
-  row): an average of data points, so ``(mean - p)**2 <= (n - 1) var`` even in the
+  row): an average of data points, so ``|mean - p|^2 <= (n - 1) var`` even in the
   worst case, it costs a fraction ``1/shape[axis]`` of a pass, and for typical data
   it lies within a few standard deviations of the mean. The batch axis (axis 0)
   is never sliced, because that is the axis sharded across devices; when it is the
   only reduced axis (BatchNorm on (N, C)), and when a mask may make the first
   slice padding, the pilot is the exact mean instead (one more pass).
-* On XLA:CPU a reduction of ``x - p`` costs an extra written-out pass, so there the
-  statistics start from the plain sums ``sum(x)``, ``sum(x**2)`` and check them: if
-  any ``mean**2 > 16 var`` (a mean beyond 4 standard deviations, where the fast
-  variance could lose more than ~4 bits) a ``lax.cond`` redoes the shifted sums around
-  that mean, which is then accurate to float32 rounding. Typical activations never
-  take the second pass; x ~ N(1e4, 1) always does. Under pmap and shard_map the check
-  is per device, before any communication; under jit with a batch-sharded input
-  (simulated CPU devices) checking per-example statistics adds one scalar all-reduce.
-  Other backends fuse the subtraction into the reduction, so they always take the one
-  shifted pass (:func:`checked_fast_sums` says which path is in use).
+* **Two paths, chosen in one place** (:func:`by_platform`, with
+  ``jax.lax.platform_dependent``: by the platform the computation is lowered for). XLA:CPU
+  does not fuse ``x - p`` into a reduction (it writes the difference out first), so there
+  the statistics start from the plain sums ``sum(x)``, ``sum(|x|^2)`` and check them: if
+  any ``|mean|^2 > 16 var`` (a mean beyond 4 standard deviations, where the fast variance
+  could lose more than ~4 bits) a ``lax.cond`` redoes the shifted sums around that mean,
+  which is then accurate to float32 rounding. Typical activations never take the second
+  pass; x ~ N(1e4, 1) always does. Every other platform fuses the subtraction, so it
+  takes the one shifted pass and never branches on data. The check is per device, before
+  any communication; under ``jax.vmap`` it is taken once for the whole mapped batch (a
+  ``custom_vmap`` predicate), so the ``lax.cond`` stays a branch instead of becoming a
+  select that runs both sides.
 * The derivatives of the statistics are written out (``dmean = dx/n``,
-  ``dM2 = 2 (x - mean) dx``, :func:`local_moments`), not traced through these choices.
-  The output map ``y = (x - mean) * mul + add`` is applied as ``x * mul + (add - mean
-  * mul)`` when the same 4-standard-deviation check holds (:class:`AffineMap`), so that
-  its backward pass needs only plain sums too. Both are ordinary JAX (``custom_jvp``,
-  ``lax.cond``): forward mode (``jax.jvp``, ``jax.hessian``) works as for flax.
+  ``dM2 = 2 Re(conj(x - mean) dx)``), not traced through these choices. On the checked
+  path the output map ``y = (x - mean) * mul + add`` is applied as ``x * mul + (add -
+  mean * mul)`` when the same 4-standard-deviation check holds (:class:`AffineMap`), so
+  that its backward pass needs only plain sums too. All of it is ordinary JAX
+  (``custom_jvp``, ``lax.cond``): forward mode (``jax.jvp``, ``jax.hessian``) works as
+  for flax.
 * Across devices (``axis_name`` set) every device writes its triple into its own
   slot of a zero array and a single ``psum`` hands every device all the triples
   (adding zeros is exact). Each device then combines them with Chan's parallel
-  formula ``M2 = sum_i M2_i + sum_i n_i (m_i - m)^2``. This is one all-reduce per
+  formula ``M2 = sum_i M2_i + sum_i n_i |m_i - m|^2``. This is one all-reduce per
   call, stays stable for large means (no device ever subtracts squares of large
   numbers), and weights every device by its number of valid elements, so masks
   and uneven batches give the statistics of the union of valid elements (the
@@ -51,17 +56,20 @@ Numerics (why it looks the way it does):
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import math
 import numbers
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.linen import dtypes as flax_dtypes
 from jax import lax
+from jax.custom_batching import custom_vmap
 
 Array = jax.Array
 Axes = int | Sequence[int]
@@ -99,9 +107,27 @@ def canonicalize_axes(rank: int, axes: Axes, *, argument: str, layer: str) -> tu
 
 
 def stats_dtype(x_dtype: Any, dtype: Any = None) -> Any:
-    """The dtype statistics are computed in: at least float32."""
+    """The dtype statistics are computed in: at least float32 (complex stays complex)."""
     base = jnp.result_type(x_dtype) if dtype is None else jnp.dtype(dtype)
     return jnp.promote_types(base, jnp.float32)
+
+
+def nominal_dtype(x_dtype: Any, dtype: Any, force_float32_reductions: bool) -> Any:
+    """The dtype flax.linen computes statistics in, which sets the dtype of updated
+    running statistics (we compute in :func:`stats_dtype`, at least float32, always)."""
+    base = jnp.result_type(x_dtype) if dtype is None else jnp.dtype(dtype)
+    return jnp.promote_types(base, jnp.float32) if force_float32_reductions else base
+
+
+def _real_dtype(dtype: Any) -> Any:
+    return jnp.finfo(dtype).dtype
+
+
+def abs_sq(x: Array) -> Array:
+    """``|x|^2`` elementwise: real for complex ``x``."""
+    if jnp.iscomplexobj(x):
+        return lax.square(lax.real(x)) + lax.square(lax.imag(x))
+    return lax.square(x)
 
 
 def check_mask(mask: Array | None, x: Array, *, layer: str) -> Array | None:
@@ -125,6 +151,63 @@ def check_mask(mask: Array | None, x: Array, *, layer: str) -> Array | None:
             "dimensions where it is shared (e.g. (batch, 1, 1, 1) to mask whole examples)."
         )
     return jnp.broadcast_to(mask, x.shape)
+
+
+# ----------------------------------------------------------------------------- the two paths
+
+# Forced path for code traced while it is set (tests and benchmarks); None: by platform.
+_forced_path: str | None = None
+PATHS = ("checked", "shifted")
+
+
+@contextlib.contextmanager
+def statistics_path(path: str | None) -> Iterator[None]:
+    """Forces the statistics path of everything traced inside: ``"checked"`` (XLA:CPU's
+    checked fast sums), ``"shifted"`` (every other platform) or None (by platform).
+
+    For tests and benchmarks, which run both paths on one machine. Clear JAX's caches
+    (``jax.clear_caches()``) when switching, or functions traced earlier keep their path.
+    """
+    global _forced_path
+    if path not in PATHS + (None,):
+        raise ValueError(f"statistics_path: path={path!r} must be one of {PATHS} or None.")
+    previous, _forced_path = _forced_path, path
+    try:
+        yield
+    finally:
+        _forced_path = previous
+
+
+def by_platform(*, checked: Callable[[], Any], shifted: Callable[[], Any]) -> Any:
+    """The one place that picks a path: ``checked()`` on XLA:CPU, ``shifted()`` elsewhere.
+
+    The choice is made when the computation is lowered, for the platform it is lowered
+    for (``jax.lax.platform_dependent``), so compiled code contains one path only.
+    """
+    if _forced_path is not None:
+        return {"checked": checked, "shifted": shifted}[_forced_path]()
+    return lax.platform_dependent(cpu=checked, default=shifted)
+
+
+@custom_vmap
+def _all(flags: Array) -> Array:
+    return jnp.all(flags)
+
+
+@_all.def_vmap
+def _all_vmap(axis_size, in_batched, flags):
+    # One answer for the whole mapped batch: the lax.cond it feeds stays a branch under
+    # jax.vmap (a batched predicate would turn it into a select that runs both sides).
+    del axis_size, in_batched
+    return jnp.all(flags), False
+
+
+def _checked(fast: Array, cheap: Callable, careful: Callable, *operands):
+    """``cheap(*operands)`` if every ``fast`` flag holds, else ``careful(*operands)``."""
+    return lax.cond(_all(lax.stop_gradient(fast)), cheap, careful, *operands)
+
+
+# ----------------------------------------------------------------------------- devices
 
 
 def _check_groups(axis_name: str, axis_index_groups: Any, *, layer: str) -> int:
@@ -191,50 +274,41 @@ def group_mean(stacked: Array, member: Array | None) -> Array:
     return jnp.sum(stacked * w, 0) / jnp.sum(member)
 
 
+# ----------------------------------------------------------------------------- moments
+
+
 # Where the fast formulas are trusted: every |mean| <= _SPREAD standard deviations.
-# There E[x^2] - E[x]^2 and sum(dy*x) - mean*sum(dy) lose at most log2(1 + 4**2) ~ 4 bits
+# There E|x|^2 - |E x|^2 and sum(dy*x) - mean*sum(dy) lose at most log2(1 + 4**2) ~ 4 bits
 # to cancellation, about what float32 summation loses anyway.
 _SPREAD = 4.0
-
-
-def checked_fast_sums() -> bool:
-    """Whether statistics take the checked fast sums (see the module notes).
-
-    True on XLA:CPU, whose reductions of ``x`` or ``x * y`` run at memory speed but which
-    writes ``x - mean`` out in full before reducing it. Other backends fuse that
-    subtraction into the reduction, so the shifted sums cost nothing extra there and
-    no data-dependent branch (a host round trip on GPU; a collective for per-example
-    statistics of a batch-sharded input under jit) is worth taking.
-    """
-    return jax.default_backend() == "cpu"
 
 
 def local_moments(
     x: Array, axes: tuple[int, ...], mask: Array | None, use_mean: bool
 ) -> tuple[Array, Array, Array]:
-    """Per-device ``(count, mean, M2)`` over ``axes`` (reduced away), in x's dtype.
+    """Per-device ``(count, mean, M2)`` over ``axes`` (reduced away).
 
-    ``M2`` is the sum of squared deviations from ``mean``; with ``use_mean=False``
-    ``mean`` is zero and ``M2`` is the plain sum of squares (RMSNorm). The derivative
-    is defined analytically (``dmean = dx/n``, ``dM2 = 2 (x - mean) dx``), so the
-    backward pass never sees how the statistics were computed.
+    ``count`` and ``M2`` (the sum of squared deviations ``|x - mean|^2``) are real, ``mean``
+    has x's dtype. With ``use_mean=False`` ``mean`` is zero and ``M2`` is the plain sum of
+    squares (RMSNorm). ``axes`` may be empty: then each element is its own statistic
+    (count 1, M2 0). The derivative is defined analytically (``dmean = dx/n``,
+    ``dM2 = 2 Re(conj(x - mean) dx)``), so the backward pass never sees which path ran.
     """
     return _local_moments(x, mask, axes, use_mean)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def _local_moments(x, mask, axes, use_mean):
+    real = _real_dtype(x.dtype)
     if mask is None:
         n = math.prod(x.shape[a] for a in axes)
-        count = jnp.full(
-            tuple(s for i, s in enumerate(x.shape) if i not in axes), n, x.dtype
-        )
+        count = jnp.full(tuple(s for i, s in enumerate(x.shape) if i not in axes), n, real)
 
         def rsum(v):
             return jnp.sum(v, axes)
 
     else:
-        count = jnp.sum(mask, axes, dtype=x.dtype)
+        count = jnp.sum(mask, axes, dtype=real)
 
         def rsum(v):
             return jnp.sum(jnp.where(mask, v, 0), axes)
@@ -242,28 +316,31 @@ def _local_moments(x, mask, axes, use_mean):
     # An all-masked slice has no statistics; dividing by 1 keeps them finite (0).
     safe = jnp.maximum(count, 1)
     if not use_mean:
-        return count, jnp.zeros_like(count), rsum(x * x)
+        return count, jnp.zeros(count.shape, x.dtype), rsum(abs_sq(x))
+    if not axes:  # nothing to reduce (a per-example vmap): each element is its own mean
+        return count, rsum(x), jnp.zeros(count.shape, real)
 
     def shifted(pilot):
         d = x - jnp.expand_dims(pilot, axes)
-        s1, s2 = rsum(d), rsum(d * d)
-        # s2 - s1^2/n is >= 0 in exact arithmetic; clip round-off so rsqrt never sees < 0.
-        return pilot + s1 / safe, jnp.maximum(s2 - s1 * s1 / safe, 0.0)
+        s1, s2 = rsum(d), rsum(abs_sq(d))
+        # s2 - |s1|^2/n is >= 0 in exact arithmetic; clip round-off so rsqrt never sees < 0.
+        return pilot + s1 / safe, jnp.maximum(s2 - abs_sq(s1) / safe, 0.0)
 
-    if checked_fast_sums():
+    def checked():
         # The fast sums, checked. Where a mean is large against its spread, a second
         # pass around the (accurate) fast mean corrects both.
-        s1, s2 = rsum(x), rsum(x * x)
+        s1, s2 = rsum(x), rsum(abs_sq(x))
         mean = s1 / safe
-        m2 = jnp.maximum(s2 - s1 * mean, 0.0)
-        fast = jnp.all(mean * mean * count <= _SPREAD**2 * m2)
-        mean, m2 = lax.cond(fast, lambda: (mean, m2), lambda: shifted(mean))
-    elif mask is None and axes[-1] != 0:
-        # One shifted pass around the mean of the first slice along the innermost axis.
-        first = lax.slice_in_dim(x, 0, 1, axis=axes[-1])
-        mean, m2 = shifted(jnp.mean(first, axes))
-    else:  # padding, or the sharded batch axis: shift by the exact mean (one more pass)
-        mean, m2 = shifted(rsum(x) / safe)
+        m2 = jnp.maximum(s2 - abs_sq(s1) / safe, 0.0)
+        return _checked(abs_sq(mean) * count <= _SPREAD**2 * m2, lambda: (mean, m2), lambda: shifted(mean))
+
+    def one_pass():
+        if mask is None and axes and axes[-1] != 0:
+            # Around the mean of the first slice along the innermost reduced axis.
+            return shifted(jnp.mean(lax.slice_in_dim(x, 0, 1, axis=axes[-1]), axes))
+        return shifted(rsum(x) / safe)  # padding, or the sharded batch axis: the exact mean
+
+    mean, m2 = by_platform(checked=checked, shifted=one_pass)
     return count, mean, m2
 
 
@@ -273,7 +350,7 @@ def _local_moments_jvp(axes, use_mean, primals, tangents):
     dx = tangents[0]
     count, mean, m2 = out = _local_moments(x, mask, axes, use_mean)
     centered = x - jnp.expand_dims(mean, axes) if use_mean else x
-    w, wc = dx, dx * centered
+    w, wc = dx, lax.real(jnp.conj(centered) * dx) if jnp.iscomplexobj(x) else centered * dx
     if mask is not None:
         w, wc = jnp.where(mask, w, 0), jnp.where(mask, wc, 0)
     dmean = jnp.sum(w, axes) / jnp.maximum(count, 1) if use_mean else jnp.zeros_like(mean)
@@ -289,7 +366,7 @@ def combine_moments(count: Array, mean: Array, m2: Array, axis: int = 0):
         jnp.take_along_axis(mean, jnp.argmax(count, axis, keepdims=True), axis)
     )
     combined = jnp.squeeze(pivot, axis) + jnp.sum(count * (mean - pivot), axis) / safe
-    spread = jnp.sum(count * jnp.square(mean - jnp.expand_dims(combined, axis)), axis)
+    spread = jnp.sum(count * abs_sq(mean - jnp.expand_dims(combined, axis)), axis)
     return total, combined, jnp.sum(m2, axis) + spread
 
 
@@ -313,15 +390,16 @@ def synced_moments(
     x = jnp.asarray(x, stats_dtype(x.dtype, dtype))
     mask = check_mask(mask, x, layer=layer)
     count, mean, m2 = local_moments(x, axes, mask, use_mean)
-    if axis_name is not None:
-        stacked, member = gather_all(
-            jnp.stack([count, mean, m2]), axis_name, axis_index_groups, layer=layer
-        )
-        n_i = stacked[:, 0]
-        if member is not None:  # devices outside this group count for nothing
-            n_i = jnp.where(_member_view(member, n_i), n_i, 0)
-        count, mean, m2 = combine_moments(n_i, stacked[:, 1], jnp.where(n_i > 0, stacked[:, 2], 0))
-    return count, mean, m2
+    if axis_name is None:
+        return count, mean, m2
+    # Real parts only in the one all-reduce: (count, mean[, imag(mean)], M2).
+    parts = [count, lax.real(mean), lax.imag(mean), m2] if jnp.iscomplexobj(mean) else [count, mean, m2]
+    stacked, member = gather_all(jnp.stack(parts), axis_name, axis_index_groups, layer=layer)
+    n_i, m2_i = stacked[:, 0], stacked[:, -1]
+    mean_i = stacked[:, 1] if len(parts) == 3 else lax.complex(stacked[:, 1], stacked[:, 2])
+    if member is not None:  # devices outside this group count for nothing
+        n_i = jnp.where(_member_view(member, n_i), n_i, 0)
+    return combine_moments(n_i, mean_i, jnp.where(n_i > 0, m2_i, 0))
 
 
 def moments(
@@ -338,23 +416,24 @@ def moments(
     """Mean and (biased) variance of ``x`` over ``axes``, stable and device-synced.
 
     Args:
-      x: input array, any float dtype.
-      axes: axes to reduce over (removed from the outputs).
+      x: input array, any float or complex dtype.
+      axes: axes to reduce over (removed from the outputs); may be empty.
       mask: optional boolean array broadcastable to ``x``; only True positions count.
       use_mean: if False the mean is zero and the "variance" is the mean square.
       dtype: minimal dtype of the statistics (promoted to at least float32).
-      axis_name: mapped axis to reduce over as well (pmap / shard_map), with one
-        ``psum``.
+      axis_name: mapped axis to reduce over as well (pmap / shard_map / vmap), with
+        one ``psum``.
       axis_index_groups: optional partition of ``axis_name``'s indices; statistics
         are combined within each group only.
       layer: name used in error messages.
 
     Returns:
-      ``(mean, var)``, each of x's shape with ``axes`` removed, in the stats dtype.
+      ``(mean, var)``, each of x's shape with ``axes`` removed; ``var = E|x - mean|^2`` is
+      real, ``mean`` has the stats dtype (complex for complex ``x``).
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from normzoo._stats import moments
+      >>> from normzoo import moments
       >>> mean, var = moments(jnp.array([[1e4, 1e4 + 2.0]]), axes=1)
       >>> float(mean[0]), float(var[0])
       (10001.0, 1.0)
@@ -432,20 +511,75 @@ def variable_with_shape(mdl, collection: str, name: str, init, shape, *, what: s
     return mdl.variable(collection, name, init, tuple(shape))
 
 
-class AffineMap(NamedTuple):
+# ----------------------------------------------------------------------------- running statistics
+
+
+@dataclasses.dataclass(frozen=True)
+class RunningStats:
+    """A layer's running averages in ``batch_stats``: flax's names, dtypes and update rule.
+
+    ``running = momentum * running + (1 - momentum) * batch``; never updated while
+    initializing. Created float32 (``param_dtype`` with ``force_float32_reductions=False``),
+    as flax does; an update takes the dtype flax's would (complex batch means make the
+    running mean complex).
+    """
+
+    mean: Any
+    var: Any
+    momentum: float
+
+    @classmethod
+    def create(cls, mdl, shape: tuple[int, ...], *, momentum: float, dtype: Any,
+               track_var: bool = True) -> RunningStats:
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(
+                f"{type(mdl).__name__}: momentum={momentum!r} must lie in [0, 1] (flax convention: "
+                "running = momentum * running + (1 - momentum) * batch; PyTorch's 0.1 is 0.9 here)."
+            )
+        def new(name, fill):
+            return variable_with_shape(
+                mdl, "batch_stats", name, lambda s: jnp.full(s, fill, dtype), shape, what="feature shape"
+            )
+        return cls(new("mean", 0), new("var", 1) if track_var else None, momentum)
+
+    def update(self, mdl, mean: Array, var: Array | None, nominal: Any) -> None:
+        """Moves the averages toward ``mean``/``var`` (no-op while initializing)."""
+        if mdl.is_initializing():
+            return
+        for v, batch in ((self.mean, mean), (self.var, var)):
+            if v is not None:
+                new = self.momentum * v.value + (1.0 - self.momentum) * batch
+                v.value = jnp.asarray(new, jnp.promote_types(v.value.dtype, nominal))
+
+
+# ----------------------------------------------------------------------------- the output map
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["mean", "mul", "add", "small_mean"], meta_fields=["dtype"],
+)
+@dataclasses.dataclass(frozen=True)
+class AffineMap:
     """``y = ((x - mean) * mul + add).astype(dtype)``: a normalizer with its statistics folded in.
 
-    ``mean``, ``mul`` and ``add`` broadcast against the input (``add`` may be None). Layers
-    built from others (IBN) collect their parts' maps and apply them in one pass over ``x``.
+    ``mean``, ``mul`` and ``add`` broadcast against the input (``add`` may be None). Build one
+    with :meth:`normalizing`; layers return it from their public ``affine_map`` method (at
+    inference it is the per-channel scale ``mul`` and shift ``add - mean * mul`` that
+    folding into a preceding layer needs), and layers built from others (IBN) :meth:`join`
+    their parts' maps and apply them in one pass over ``x``.
 
-    ``small_mean`` (a scalar bool, or None for "unknown") says that every ``|mean|`` is
-    within ``_SPREAD`` standard deviations of the data. Then the map is applied as
-    ``x * mul + (add - mean * mul)``, whose backward pass takes ``sum(dy * (x - mean))``
-    as ``sum(dy * x) - mean * sum(dy)``: plain reductions, no ``x - mean`` pass, and at
-    most ~4 bits lost to cancellation. Otherwise (a ``lax.cond`` picks) it is applied as
-    written, recomputing ``x - mean`` in the backward pass rather than storing it. Maps as
-    large as ``x`` (LayerNorm's per-row statistics times per-feature scale) have no such
-    sums and are always applied as written.
+    ``small_mean`` (a bool, or None for "unknown") says that every ``|mean|`` is within
+    ``_SPREAD`` standard deviations of the data. On the checked path (:func:`by_platform`)
+    the map is then applied as ``x * mul + (add - mean * mul)``, whose backward pass takes
+    ``sum(dy * (x - mean))`` as ``sum(dy * x) - mean * sum(dy)``: plain reductions, no
+    ``x - mean`` pass, and at most ~4 bits lost to cancellation. Otherwise, and on every
+    other platform, it is applied as written (on the checked path recomputing ``x - mean``
+    in the backward pass rather than storing it). Maps as large as ``x`` (LayerNorm's
+    per-row statistics times per-feature scale) have no such sums and are always applied as
+    written.
+
+    A pytree (``dtype`` is static), so it can be returned from jitted and Flax functions.
     """
 
     mean: Array
@@ -454,15 +588,61 @@ class AffineMap(NamedTuple):
     dtype: Any
     small_mean: Array | None = None
 
+    @classmethod
+    def normalizing(cls, x: Array, mean: Array, inv: Array, *, scale: Array | None = None,
+                    bias: Array | None = None, offset: Array | None = None,
+                    dtype: Any = None) -> AffineMap:
+        """The map ``y = ((x - mean) * inv + offset) * scale + bias`` (absent terms skipped).
+
+        ``inv`` is ``1/sqrt(var + eps)`` (times BatchRenorm's ``r``), ``offset`` BatchRenorm's
+        ``d``; every argument broadcasts against ``x``, which is not applied, only read for
+        its dtype. The output dtype follows flax.linen: ``dtype`` if given, else the
+        promotion of ``x`` and the parameters used.
+        """
+        dtype = flax_dtypes.canonicalize_dtype(x, *(p for p in (scale, bias) if p is not None), dtype=dtype)
+        mul = inv if scale is None else inv * scale
+        add = offset if offset is None or scale is None else offset * scale
+        if bias is not None:
+            add = bias if add is None else add + bias
+        small = jnp.all(lax.stop_gradient(jnp.abs(mean * inv)) <= _SPREAD)
+        return cls(mean, mul, add, dtype, small)
+
     def __call__(self, x: Array) -> Array:
-        x = jnp.asarray(x, self.mean.dtype)
-        parts = [jnp.shape(a) for a in (self.mean, self.mul, self.add) if a is not None]
+        x = jnp.asarray(x, jnp.promote_types(stats_dtype(x.dtype), jnp.result_type(self.mean)))
         args = (x, self.mean, self.mul, self.add)
+        parts = [jnp.shape(a) for a in args[1:] if a is not None]
         if self.small_mean is None or math.prod(jnp.broadcast_shapes(*parts)) >= x.size:
             y = _centered(*args)
         else:
-            y = lax.cond(self.small_mean, _shortcut, jax.checkpoint(_centered), *args)
+            y = by_platform(
+                checked=lambda: _checked(self.small_mean, _shortcut, jax.checkpoint(_centered), *args),
+                shifted=lambda: _centered(*args),
+            )
         return jnp.asarray(y, self.dtype)
+
+    def join(self, other: AffineMap, axis: int, rank: int, split: int, size: int) -> AffineMap:
+        """This map on channels ``[:split]`` of ``axis`` and ``other`` on ``[split:size]``.
+
+        Each part is zero-padded to all channels and the two are added (exact): unlike a
+        concatenation this broadcasts a per-example part against a per-channel one, and
+        keeps a batch-sharded part's sharding under explicit sharding.
+        """
+        def pad(a, lo, hi):
+            if a is None:
+                return None
+            widths = [(0, 0)] * rank
+            widths[axis] = (lo, hi)
+            return jnp.pad(jnp.reshape(a, (1,) * (rank - jnp.ndim(a)) + jnp.shape(a)), widths)
+
+        def both(a, b):
+            a, b = pad(a, 0, size - split), pad(b, split, 0)
+            return b if a is None else a if b is None else a + b
+
+        small = None
+        if self.small_mean is not None and other.small_mean is not None:
+            small = jnp.logical_and(self.small_mean, other.small_mean)
+        return AffineMap(both(self.mean, other.mean), both(self.mul, other.mul),
+                         both(self.add, other.add), jnp.promote_types(self.dtype, other.dtype), small)
 
 
 def _centered(x, mean, mul, add):
@@ -475,64 +655,21 @@ def _shortcut(x, mean, mul, add):
     return x * mul + (offset if add is None else add + offset)
 
 
-def normalize(
-    mdl,
-    x: Array,
-    mean: Array,
-    inv: Array,
-    *,
-    param_shape: tuple[int, ...],
-    param_view: tuple[int, ...],
-    dtype: Any,
-    param_dtype: Any,
-    use_bias: bool,
-    use_scale: bool,
-    bias_init,
-    scale_init,
-    offset: Array | None = None,
-    return_map: bool = False,
-) -> Array | AffineMap:
-    """``y = (x - mean) * inv * scale + offset * scale + bias`` in the stats dtype.
+def affine_params(mdl, shape: tuple[int, ...], view: tuple[int, ...], *, use_scale: bool,
+                  use_bias: bool, scale_init, bias_init, param_dtype, force_float32_reductions: bool = True):
+    """A layer's ``scale`` and ``bias`` (created in that order, as flax does) reshaped to ``view``.
 
-    ``mean``, ``inv`` (1/sqrt(var + eps), possibly times BatchRenorm's r) and ``offset``
-    (BatchRenorm's d) broadcast against ``x``; the learned ``scale`` and ``bias``
-    have ``param_shape`` and are reshaped to ``param_view`` to broadcast. The
-    result dtype follows flax.linen: ``dtype`` if given, else the promotion of
-    the input and the parameters used. With ``return_map`` the :class:`AffineMap`
-    is returned instead of being applied to ``x``.
+    Absent ones are None. ``force_float32_reductions=False`` casts them to ``param_dtype``
+    (flax's meaning; it matters for variables loaded in another dtype).
     """
-    mul = inv
-    args = [x]
-    scale = None
-    if use_scale:
-        scale = param_with_shape(
-            mdl, "scale", scale_init, param_shape, param_dtype, what="feature shape"
-        )
-        args.append(scale)
-        scale = jnp.reshape(scale, param_view)
-        mul = mul * scale
-    add = None
-    if offset is not None:
-        add = offset if scale is None else offset * scale
-    if use_bias:
-        bias = param_with_shape(
-            mdl, "bias", bias_init, param_shape, param_dtype, what="feature shape"
-        )
-        args.append(bias)
-        bias = jnp.reshape(bias, param_view)
-        add = bias if add is None else add + bias
-    small_mean = None
-    if checked_fast_sums():
-        small_mean = jnp.all(lax.stop_gradient(jnp.abs(mean * inv)) <= _SPREAD)
-    amap = AffineMap(
-        mean, mul, add, flax_dtypes.canonicalize_dtype(*args, dtype=dtype), small_mean
-    )
-    return amap if return_map else amap(x)
-
-
-def expand(stat: Array, axes: tuple[int, ...]) -> Array:
-    """Re-inserts reduced ``axes`` as size-1 dimensions so ``stat`` broadcasts."""
-    return jnp.expand_dims(stat, axes)
+    out = []
+    for use, name, init in ((use_scale, "scale", scale_init), (use_bias, "bias", bias_init)):
+        p = None
+        if use:
+            p = param_with_shape(mdl, name, init, shape, param_dtype, what="feature shape")
+            p = jnp.reshape(p if force_float32_reductions else jnp.asarray(p, param_dtype), view)
+        out.append(p)
+    return tuple(out)
 
 
 def feature_view(rank: int, feature_axes: tuple[int, ...], shape) -> tuple[int, ...]:
@@ -545,17 +682,22 @@ def feature_view(rank: int, feature_axes: tuple[int, ...], shape) -> tuple[int, 
 
 __all__ = [
     "AffineMap",
+    "PATHS",
+    "RunningStats",
+    "abs_sq",
+    "affine_params",
+    "by_platform",
     "canonicalize_axes",
     "check_mask",
     "combine_moments",
+    "feature_view",
     "gather_all",
     "group_mean",
-    "expand",
-    "feature_view",
     "local_moments",
     "moments",
-    "normalize",
+    "nominal_dtype",
     "param_with_shape",
+    "statistics_path",
     "stats_dtype",
     "synced_moments",
     "sync_batch_stats",

@@ -1,4 +1,4 @@
-"""Test setup: 8 simulated CPU devices (set before JAX is imported)."""
+"""Test setup: 8 simulated CPU devices (set before JAX is imported), and the two statistics paths."""
 
 import os
 
@@ -8,8 +8,22 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+
+def lowered_branches(fn, *args) -> int:
+    """Number of data-dependent branches (``stablehlo.case``) in ``fn``'s lowered computation."""
+    return jax.jit(fn).lower(*args).as_text().count("stablehlo.case")
+
+
+def _bn_step(x):
+    import normzoo
+
+    layer = normzoo.BatchNorm(use_running_average=False)
+    v = layer.init(jax.random.key(0), x)
+    return jax.grad(lambda x: jnp.sum(layer.apply(v, x, mutable=["batch_stats"])[0] ** 2))(x)
 
 
 @pytest.fixture
@@ -17,13 +31,33 @@ def rng():
     return np.random.default_rng(0)
 
 
-@pytest.fixture(params=[True, False], ids=["checked-fast-sums", "shifted-sums"])
+@pytest.fixture(params=["checked", "shifted"])
 def stats_path(request, monkeypatch):
-    """Both statistics paths: CPU's checked fast sums, and the shifted sums of other backends."""
-    import normzoo
+    """Runs a test on both statistics paths: XLA:CPU's checked fast sums, and the shifted
+    sums of every other platform (forced here, on the CPU).
 
-    monkeypatch.setattr(normzoo._stats, "checked_fast_sums", lambda: request.param)
-    return request.param
+    Asserts from the lowered computation that the forced path is the one compiled (the
+    checked path branches on the data, the shifted one never does), and that the test
+    really traced statistics through it.
+    """
+    from normzoo import _stats
+
+    traced = []
+    choose = _stats.by_platform
+
+    def counting(**branches):
+        traced.append(request.param)
+        return choose(**branches)
+
+    monkeypatch.setattr(_stats, "by_platform", counting)
+    jax.clear_caches()  # nothing traced on the other path may be reused
+    with _stats.statistics_path(request.param):
+        branches = lowered_branches(_bn_step, jnp.ones((4, 3)))
+        assert (branches > 0) == (request.param == "checked"), (request.param, branches)
+        traced.clear()
+        yield request.param
+    jax.clear_caches()
+    assert traced, f"the test never traced the {request.param} statistics path"
 
 
 def pytest_report_header(config):

@@ -22,8 +22,6 @@ def init(layer, x=X4, **kw):
      r"BatchNorm: `axis`=\(1, -3\) names the same axis twice"),
     (normzoo.BatchNorm(axis="C"), {"use_running_average": False}, TypeError,
      r"BatchNorm: `axis` must be an int or a sequence of ints, got 'C'"),
-    (normzoo.BatchNorm(axis=(0, 1, 2, 3)), {"use_running_average": False}, ValueError,
-     r"BatchNorm: axis=\(0, 1, 2, 3\) leaves no axis to compute statistics over"),
     (normzoo.BatchNorm(momentum=1.5), {"use_running_average": False}, ValueError,
      r"BatchNorm: momentum=1.5 must lie in \[0, 1\].*PyTorch's 0.1 is 0.9 here"),
     (normzoo.BatchNorm(virtual_batch_size=3), {"use_running_average": False}, ValueError,
@@ -69,10 +67,8 @@ def test_configuration_errors(layer, kw, exc, pattern):
 
 
 def test_rank_errors():
-    with pytest.raises(ValueError, match=r"GroupNorm: the input needs a batch and a channel axis, got shape \(5,\)"):
-        init(normzoo.GroupNorm(num_groups=1), jnp.ones(5))
-    with pytest.raises(ValueError, match=r"InstanceNorm: an input of shape \(4, 3\) has no axis to normalize over"):
-        init(normzoo.InstanceNorm(), jnp.ones((4, 3)))
+    # (BatchNorm, GroupNorm and InstanceNorm with nothing left to reduce work as in flax:
+    # test_flax_conformance.py.)
     with pytest.raises(ValueError, match=r"CosineConv: expected an input of rank >= 3 \(features last\), got shape \(4, 3\)"):
         init(normzoo.CosineConv(2, 3), jnp.ones((4, 3)))
 
