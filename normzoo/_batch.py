@@ -75,33 +75,47 @@ def _layout(mdl: nn.Module, x: Array) -> _Layout:
 
 
 def _batch_moments(mdl: nn.Module, x: Array, layout: _Layout, mask: Array | None):
-    """``(mean, var)`` for the map (one per ghost batch with ``virtual_batch_size``) and
-    ``(mean, var)`` for the running averages (their average over ghost batches)."""
+    """Statistics of a training step: ``(mean, var)`` for the map (one per ghost batch with
+    ``virtual_batch_size``) and ``(mean, var, valid)`` for the running averages.
+
+    With ghost batches the running averages take the average over the ghost batches (and,
+    with ``axis_name``, over the devices) that hold any valid element; ``valid`` is False
+    for a feature no valid element reached, whose running statistics then stay as they were.
+    """
     layer = type(mdl).__name__
     mask = _stats.check_mask(mask, x, layer=layer)
     # Under `init` the mapped axis need not exist yet (flax does the same).
     axis_name = None if mdl.is_initializing() else mdl.axis_name
     if layout.ghosts is None:
-        mean, var = _stats.moments(
+        count, mean, m2 = _stats.synced_moments(
             x, layout.reduce, mask=mask, dtype=mdl.dtype, axis_name=axis_name,
             axis_index_groups=mdl.axis_index_groups, layer=layer,
         )
-        return (mean, var), (mean, var)
+        var = m2 / jnp.maximum(count, 1)
+        return (mean, var), (mean, var, count > 0)
     # Ghost statistics stay on each device; only their averages, which feed the running
     # statistics, are averaged across devices, so every replica keeps the same batch_stats.
-    mean, var = _stats.moments(
+    count, mean, m2 = _stats.synced_moments(
         layout.ghost_view(x), layout.reduce, mask=layout.ghost_view(mask), dtype=mdl.dtype,
         layer=layer,
     )
-    avg = jnp.mean(mean, 0), jnp.mean(var, 0)
+    var = m2 / jnp.maximum(count, 1)
+    avg_mean, avg_var, n = _average_where(count > 0, mean, var)
     if axis_name is not None:
-        stacked, member = _stats.gather_all(
-            jnp.stack([avg[0], avg[1].astype(avg[0].dtype)]), axis_name, mdl.axis_index_groups,
-            layer=layer,
-        )
-        both = _stats.group_mean(stacked, member)
-        avg = both[0], jnp.real(both[1])
-    return (mean, var), avg
+        parts = [avg_mean, avg_var.astype(avg_mean.dtype), (n > 0).astype(avg_mean.dtype)]
+        stacked, member = _stats.gather_all(jnp.stack(parts), axis_name, mdl.axis_index_groups, layer=layer)
+        has = jnp.real(stacked[:, 2]) > 0
+        if member is not None:
+            has = jnp.logical_and(has, jnp.reshape(member, (-1,) + (1,) * (has.ndim - 1)))
+        avg_mean, avg_var, n = _average_where(has, stacked[:, 0], stacked[:, 1])
+    return (mean, var), (avg_mean, jnp.real(avg_var), n > 0)
+
+
+def _average_where(valid: Array, mean: Array, var: Array):
+    """Averages over the leading axis of the entries where ``valid``; and how many there were."""
+    n = jnp.sum(valid, 0)
+    avg = lambda a: jnp.sum(jnp.where(valid, a, 0), 0) / jnp.maximum(n, 1)  # noqa: E731
+    return avg(mean), avg(var), n
 
 
 class _BatchFields(nn.Module):
@@ -154,6 +168,10 @@ class _BatchFields(nn.Module):
         Layers built from this one (IBN) join maps and apply them in one pass.
         """
         return self._map(x, use_running_average, mask)
+
+    @nn.nowrap
+    def _nominal_dtype(self, x: Array) -> Any:
+        return _stats.nominal_dtype(x.dtype, self.dtype, self.force_float32_reductions)
 
     @nn.nowrap
     def _running_dtype(self) -> Any:
@@ -236,7 +254,7 @@ class BatchNorm(_BatchFields):
             mean, var = running.mean.value, running.var.value
         else:
             (mean, var), batch = _batch_moments(self, x, layout, mask)
-            running.update(self, *batch, _stats.nominal_dtype(x.dtype, self.dtype, self.force_float32_reductions))
+            running.update(self, batch, self._nominal_dtype(x))
         return AffineMap.normalizing(
             x, layout.expand(mean), layout.expand(lax.rsqrt(var + self.epsilon)),
             scale=scale, bias=bias, dtype=self.dtype,
@@ -298,7 +316,7 @@ class BatchRenorm(_BatchFields):
             inv_batch = lax.rsqrt(var + self.epsilon)
             r, d = self._correction(mean, inv_batch, running, steps.value)
             inv = inv_batch * r
-            running.update(self, *batch, _stats.nominal_dtype(x.dtype, self.dtype, self.force_float32_reductions))
+            running.update(self, batch, self._nominal_dtype(x))
             if not self.is_initializing():
                 steps.value = steps.value + 1
         return AffineMap.normalizing(
@@ -372,8 +390,8 @@ class MeanOnlyBatchNorm(_BatchFields):
         if use_ra:
             mean = running.mean.value
         else:
-            (mean, _), (batch_mean, _) = _batch_moments(self, x, layout, mask)
-            running.update(self, batch_mean, None, _stats.nominal_dtype(x.dtype, self.dtype, self.force_float32_reductions))
+            (mean, _), batch = _batch_moments(self, x, layout, mask)
+            running.update(self, batch, self._nominal_dtype(x))
         mean = layout.expand(mean)
         return AffineMap.normalizing(
             x, mean, jnp.ones(mean.shape, jnp.real(mean).dtype), scale=scale, bias=bias, dtype=self.dtype

@@ -336,7 +336,7 @@ class InstanceNorm(nn.Module):
         else:
             mean, var = _moments(self, x, reduction_axes, mask)
             running.update(
-                self, jnp.mean(mean, 0), jnp.mean(var, 0),
+                self, (jnp.mean(mean, 0), jnp.mean(var, 0), None),
                 _stats.nominal_dtype(x.dtype, self.dtype, self.force_float32_reductions),
             )
         return _normalizing_map(self, x, mean, var, reduction_axes, feature_axes, use_bias=self.use_bias)

@@ -294,7 +294,7 @@ def local_moments(
     (count 1, M2 0). The derivative is defined analytically (``dmean = dx/n``,
     ``dM2 = 2 Re(conj(x - mean) dx)``), so the backward pass never sees which path ran.
     """
-    return _local_moments(x, mask, axes, use_mean)
+    return _local_moments_jit(x, mask, axes, use_mean)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
@@ -342,6 +342,9 @@ def _local_moments(x, mask, axes, use_mean):
 
     mean, m2 = by_platform(checked=checked, shifted=one_pass)
     return count, mean, m2
+
+
+_local_moments_jit = jax.jit(_local_moments, static_argnums=(2, 3))
 
 
 @_local_moments.defjvp
@@ -542,14 +545,20 @@ class RunningStats:
             )
         return cls(new("mean", 0), new("var", 1) if track_var else None, momentum)
 
-    def update(self, mdl, mean: Array, var: Array | None, nominal: Any) -> None:
-        """Moves the averages toward ``mean``/``var`` (no-op while initializing)."""
+    def update(self, mdl, batch: tuple[Array, Array, Array | None], nominal: Any) -> None:
+        """Moves the averages toward ``batch = (mean, var, valid)``; where ``valid`` (a
+        bool per feature, or None for all) is False, no data arrived and they stay.
+        No-op while initializing. ``nominal`` is flax's statistics dtype (:func:`nominal_dtype`)."""
         if mdl.is_initializing():
             return
-        for v, batch in ((self.mean, mean), (self.var, var)):
+        mean, var, valid = batch
+        # flax's variances are real (E|x - mean|^2) even where its means are complex.
+        for v, stat, dtype in ((self.mean, mean, nominal), (self.var, var, _real_dtype(nominal))):
             if v is not None:
-                new = self.momentum * v.value + (1.0 - self.momentum) * batch
-                v.value = jnp.asarray(new, jnp.promote_types(v.value.dtype, nominal))
+                new = self.momentum * v.value + (1.0 - self.momentum) * stat
+                if valid is not None:
+                    new = jnp.where(valid, new, v.value)
+                v.value = jnp.asarray(new, jnp.promote_types(v.value.dtype, dtype))
 
 
 # ----------------------------------------------------------------------------- the output map
@@ -608,17 +617,24 @@ class AffineMap:
         return cls(mean, mul, add, dtype, small)
 
     def __call__(self, x: Array) -> Array:
-        x = jnp.asarray(x, jnp.promote_types(stats_dtype(x.dtype), jnp.result_type(self.mean)))
-        args = (x, self.mean, self.mul, self.add)
-        parts = [jnp.shape(a) for a in args[1:] if a is not None]
-        if self.small_mean is None or math.prod(jnp.broadcast_shapes(*parts)) >= x.size:
-            y = _centered(*args)
-        else:
-            y = by_platform(
-                checked=lambda: _checked(self.small_mean, _shortcut, jax.checkpoint(_centered), *args),
-                shifted=lambda: _centered(*args),
-            )
-        return jnp.asarray(y, self.dtype)
+        return _apply_map(x, self)
+
+
+# Jitted (and so compiled once per shape when called eagerly, e.g. by `init`): eager
+# branches on data would otherwise compile anew at every call. Under a trace they inline.
+@jax.jit
+def _apply_map(x: Array, amap: AffineMap) -> Array:
+    x = jnp.asarray(x, jnp.promote_types(stats_dtype(x.dtype), jnp.result_type(amap.mean)))
+    args = (x, amap.mean, amap.mul, amap.add)
+    parts = [jnp.shape(a) for a in args[1:] if a is not None]
+    if amap.small_mean is None or math.prod(jnp.broadcast_shapes(*parts)) >= x.size:
+        y = _centered(*args)
+    else:
+        y = by_platform(
+            checked=lambda: _checked(amap.small_mean, _shortcut, jax.checkpoint(_centered), *args),
+            shifted=lambda: _centered(*args),
+        )
+    return jnp.asarray(y, amap.dtype)
 
     def join(self, other: AffineMap, axis: int, rank: int, split: int, size: int) -> AffineMap:
         """This map on channels ``[:split]`` of ``axis`` and ``other`` on ``[split:size]``.
