@@ -137,7 +137,7 @@ def bandwidth(x: jax.Array, rounds: int) -> float:
 
 
 def run(full: bool = False, rounds: int = 7, min_time: float = 0.5, only: str | None = None,
-        shapes: dict | None = None) -> dict:
+        shapes: dict | None = None, dtypes=(jnp.float32, jnp.bfloat16)) -> dict:
     shapes = shapes or SHAPES
     rows = []
     bw_cache = {}
@@ -147,7 +147,7 @@ def run(full: bool = False, rounds: int = 7, min_time: float = 0.5, only: str | 
         for shape_name in case.shapes:
             if shape_name not in shapes or (not full and shape_name not in QUICK and shapes is SHAPES):
                 continue
-            for dtype in (jnp.float32, jnp.bfloat16):
+            for dtype in dtypes:
                 x = jax.random.normal(jax.random.key(1), shapes[shape_name], jnp.float32).astype(dtype)
                 ours, theirs = case.ours().clone(dtype=dtype), case.theirs()
                 if isinstance(theirs, nn.WeightNorm):  # the wrapper has no dtype; its layer does

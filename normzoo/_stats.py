@@ -210,12 +210,17 @@ def _checked(fast: Array, cheap: Callable, careful: Callable, *operands):
 # ----------------------------------------------------------------------------- devices
 
 
+class UnboundAxisError(ValueError, NameError):
+    """``axis_name`` names no mapped axis here: a ``ValueError`` that explains the three ways
+    to train on several devices, and a ``NameError`` as JAX (and so flax) raises."""
+
+
 def _check_groups(axis_name: str, axis_index_groups: Any, *, layer: str) -> int:
     """Returns the size of ``axis_name``, raising clear errors for bad axes and groups."""
     try:
         size = lax.axis_size(axis_name)
     except NameError:
-        raise ValueError(
+        raise UnboundAxisError(
             f"{layer}: axis_name={axis_name!r} is not bound here. "
             + _UNBOUND_AXIS_HELP.format(name=axis_name)
         ) from None
@@ -620,22 +625,6 @@ class AffineMap:
         return _apply_map(x, self)
 
 
-# Jitted (and so compiled once per shape when called eagerly, e.g. by `init`): eager
-# branches on data would otherwise compile anew at every call. Under a trace they inline.
-@jax.jit
-def _apply_map(x: Array, amap: AffineMap) -> Array:
-    x = jnp.asarray(x, jnp.promote_types(stats_dtype(x.dtype), jnp.result_type(amap.mean)))
-    args = (x, amap.mean, amap.mul, amap.add)
-    parts = [jnp.shape(a) for a in args[1:] if a is not None]
-    if amap.small_mean is None or math.prod(jnp.broadcast_shapes(*parts)) >= x.size:
-        y = _centered(*args)
-    else:
-        y = by_platform(
-            checked=lambda: _checked(amap.small_mean, _shortcut, jax.checkpoint(_centered), *args),
-            shifted=lambda: _centered(*args),
-        )
-    return jnp.asarray(y, amap.dtype)
-
     def join(self, other: AffineMap, axis: int, rank: int, split: int, size: int) -> AffineMap:
         """This map on channels ``[:split]`` of ``axis`` and ``other`` on ``[split:size]``.
 
@@ -671,6 +660,23 @@ def _shortcut(x, mean, mul, add):
     return x * mul + (offset if add is None else add + offset)
 
 
+# Jitted (and so compiled once per shape when called eagerly, e.g. by `init`): eager
+# branches on data would otherwise compile anew at every call. Under a trace they inline.
+@jax.jit
+def _apply_map(x: Array, amap: AffineMap) -> Array:
+    x = jnp.asarray(x, jnp.promote_types(stats_dtype(x.dtype), jnp.result_type(amap.mean)))
+    args = (x, amap.mean, amap.mul, amap.add)
+    parts = [jnp.shape(a) for a in args[1:] if a is not None]
+    if amap.small_mean is None or math.prod(jnp.broadcast_shapes(*parts)) >= x.size:
+        y = _centered(*args)
+    else:
+        y = by_platform(
+            checked=lambda: _checked(amap.small_mean, _shortcut, jax.checkpoint(_centered), *args),
+            shifted=lambda: _centered(*args),
+        )
+    return jnp.asarray(y, amap.dtype)
+
+
 def affine_params(mdl, shape: tuple[int, ...], view: tuple[int, ...], *, use_scale: bool,
                   use_bias: bool, scale_init, bias_init, param_dtype, force_float32_reductions: bool = True):
     """A layer's ``scale`` and ``bias`` (created in that order, as flax does) reshaped to ``view``.
@@ -700,6 +706,7 @@ __all__ = [
     "AffineMap",
     "PATHS",
     "RunningStats",
+    "UnboundAxisError",
     "abs_sq",
     "affine_params",
     "by_platform",

@@ -1,5 +1,6 @@
 """Test setup: 8 simulated CPU devices (set before JAX is imported), and the two statistics paths."""
 
+import contextlib
 import os
 
 os.environ["XLA_FLAGS"] = (
@@ -31,13 +32,13 @@ def rng():
     return np.random.default_rng(0)
 
 
-@pytest.fixture(params=["checked", "shifted"])
-def stats_path(request, monkeypatch):
-    """Runs a test on both statistics paths: XLA:CPU's checked fast sums, and the shifted
-    sums of every other platform (forced here, on the CPU).
+@contextlib.contextmanager
+def forced_path(path):
+    """Runs the body on one statistics path: ``"checked"`` (XLA:CPU's checked fast sums) or
+    ``"shifted"`` (every other platform), forced here on the CPU.
 
     Asserts from the lowered computation that the forced path is the one compiled (the
-    checked path branches on the data, the shifted one never does), and that the test
+    checked path branches on the data, the shifted one never does), and that the body
     really traced statistics through it.
     """
     from normzoo import _stats
@@ -46,18 +47,27 @@ def stats_path(request, monkeypatch):
     choose = _stats.by_platform
 
     def counting(**branches):
-        traced.append(request.param)
+        traced.append(path)
         return choose(**branches)
 
-    monkeypatch.setattr(_stats, "by_platform", counting)
     jax.clear_caches()  # nothing traced on the other path may be reused
-    with _stats.statistics_path(request.param):
-        branches = lowered_branches(_bn_step, jnp.ones((4, 3)))
-        assert (branches > 0) == (request.param == "checked"), (request.param, branches)
-        traced.clear()
-        yield request.param
-    jax.clear_caches()
-    assert traced, f"the test never traced the {request.param} statistics path"
+    try:
+        with pytest.MonkeyPatch.context() as mp, _stats.statistics_path(path):
+            mp.setattr(_stats, "by_platform", counting)
+            branches = lowered_branches(_bn_step, jnp.ones((4, 3)))
+            assert (branches > 0) == (path == "checked"), (path, branches)
+            traced.clear()
+            yield path
+    finally:
+        jax.clear_caches()
+    assert traced, f"the test never traced the {path} statistics path"
+
+
+@pytest.fixture(params=["checked", "shifted"])
+def stats_path(request):
+    """Runs a test on both statistics paths (see :func:`forced_path`)."""
+    with forced_path(request.param) as path:
+        yield path
 
 
 def pytest_report_header(config):

@@ -29,7 +29,7 @@ def train_apply(layer, variables, x, **kw):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("shape,axis", [((16, 5, 5, 4), -1), ((32, 6), -1), ((8, 3, 7), 1)])
-def test_batch_norm_matches_reference(case, shape, axis):
+def test_batch_norm_matches_reference(case, shape, axis, stats_path):
     # Build features-last, then move the feature axis into place.
     last = shape[:axis % len(shape)] + shape[axis % len(shape) + 1:] + (shape[axis],)
     x = np.ascontiguousarray(np.moveaxis(make_input(case, last), -1, axis))
@@ -57,7 +57,7 @@ def test_large_mean_within_1e_2_of_float64():
 
 
 @pytest.mark.parametrize("steps", [1, 3])
-def test_running_statistics_update(steps):
+def test_running_statistics_update(steps, stats_path):
     layer = normzoo.BatchNorm(momentum=0.9)
     xs = [make_input("normal", (12, 3, 3, 4), seed=s) for s in range(steps)]
     variables = layer.init(jax.random.key(0), xs[0], use_running_average=False)
@@ -101,7 +101,7 @@ def _bn_input_grad(x, g, axes, eps, scale):
 
 
 @pytest.mark.parametrize("case", ["normal", "large_mean"])
-def test_gradients_match_reference(case):
+def test_gradients_match_reference(case, stats_path):
     x = make_input(case, (10, 4, 3))
     w = np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
     layer = normzoo.BatchNorm(use_running_average=False)
@@ -156,7 +156,7 @@ def test_both_statistics_paths_on_both_sides_of_the_4_sigma_check(stats_path, si
     np.testing.assert_array_equal(np.asarray(gx)[20:], 0.0)
 
 
-def test_mask_excludes_padded_examples():
+def test_mask_excludes_padded_examples(stats_path):
     x = make_input("normal", (8, 4, 3))
     x[5:] = 1e6  # padding garbage must not leak into the statistics
     mask = np.zeros((8, 1, 1), bool)
@@ -206,7 +206,7 @@ def test_same_as_flax_with_swapped_variables(use_fast_variance):
 # ----------------------------------------------------------------------------- BatchRenorm
 
 
-def test_renorm_with_unit_bounds_equals_batch_norm():
+def test_renorm_with_unit_bounds_equals_batch_norm(stats_path):
     x = make_input("normal", (12, 3, 3, 5))
     bn = normzoo.BatchNorm(use_running_average=False)
     brn = normzoo.BatchRenorm(use_running_average=False, r_max=1.0, d_max=0.0, warmup_steps=0)
@@ -224,7 +224,7 @@ def test_renorm_with_unit_bounds_equals_batch_norm():
 
 
 @pytest.mark.parametrize("case", ["normal", "large_mean"])
-def test_renorm_matches_reference_and_r_d_carry_no_gradient(case):
+def test_renorm_matches_reference_and_r_d_carry_no_gradient(case, stats_path):
     x = make_input(case, (16, 4, 3))
     ra_mean = np.float32(x.mean((0, 1))) + np.array([0.3, -2.0, 0.0], np.float32)
     ra_var = np.array([0.5, 4.0, 1.2], np.float32) * x.var((0, 1)).astype(np.float32)
@@ -246,7 +246,7 @@ def test_renorm_matches_reference_and_r_d_carry_no_gradient(case):
     np.testing.assert_allclose(gx, r * _bn_input_grad(x, w, (0, 1), 1e-5, 1.0), atol=5e-4 if case == "large_mean" else 2e-5)
 
 
-def test_renorm_warmup_relaxes_bounds_linearly():
+def test_renorm_warmup_relaxes_bounds_linearly(stats_path):
     x = make_input("normal", (32, 2)) * 5.0  # batch std ~10: r wants to be ~10 against var=1
     layer = normzoo.BatchRenorm(use_running_average=False, r_max=3.0, d_max=0.0, warmup_steps=4, momentum=1.0)
     v = layer.init(jax.random.key(0), x)
@@ -273,7 +273,7 @@ def test_renorm_eval_equals_batch_norm_eval():
 # ----------------------------------------------------------------------------- ghost batches
 
 
-def test_virtual_batch_size_matches_reference():
+def test_virtual_batch_size_matches_reference(stats_path):
     x = make_input("normal", (12, 3, 4), seed=5)
     layer = normzoo.BatchNorm(use_running_average=False, virtual_batch_size=4, momentum=0.5)
     v = layer.init(jax.random.key(0), x)
@@ -290,7 +290,7 @@ def test_virtual_batch_size_matches_reference():
 # ----------------------------------------------------------------------------- mean-only
 
 
-def test_mean_only_batch_norm():
+def test_mean_only_batch_norm(stats_path):
     x = make_input("normal", (7, 3))
     layer = normzoo.MeanOnlyBatchNorm(momentum=0.0)
     v = layer.init(jax.random.key(0), x, use_running_average=False)
@@ -360,7 +360,7 @@ def test_affine_map_small_mean_flag_selects_the_backward_formula():
 
 
 @pytest.mark.parametrize("name", ["batch", "instance", "group", "layer"])
-def test_forward_over_reverse_hessian_vector_product_matches_flax(name):
+def test_forward_over_reverse_hessian_vector_product_matches_flax(name, stats_path):
     """Forward mode works through the checked statistics (custom_jvp, lax.cond) as through flax."""
     ours, theirs = {
         "batch": (normzoo.BatchNorm(use_running_average=False), nn.BatchNorm(use_running_average=False)),

@@ -41,8 +41,7 @@ def _run(model, variables, x, train):
 def test_jit_equals_eager_and_gradients_finite(name, batch):
     model = TinyNet(name)
     variables = model.init(jax.random.key(0), batch, train=True)
-    with jax.disable_jit():
-        eager, eager_upd = _run(model, variables, batch, True)
+    eager, eager_upd = _run(model, variables, batch, True)  # not jitted as a whole
     jitted, jit_upd = jax.jit(functools.partial(_run, model), static_argnums=2)(variables, batch, True)
     np.testing.assert_allclose(eager, jitted, atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), eager_upd, jit_upd)

@@ -102,6 +102,8 @@ def test_feature_size_mismatch_with_existing_variables(layer, x2, pattern):
 def test_axis_name_outside_a_mapped_context():
     layer = normzoo.BatchNorm(use_running_average=False, axis_name="batch")
     variables = init(layer)  # init never syncs, as in flax
+    with pytest.raises(NameError):  # what flax raises (JAX's unbound axis)
+        layer.apply(variables, X4, mutable=["batch_stats"])
     with pytest.raises(ValueError, match=(
         r"BatchNorm: axis_name='batch' is not bound here\. .*jax\.pmap.*jax\.shard_map.*"
         r"Under plain `jax\.jit` with inputs sharded by `NamedSharding`, leave `axis_name=None`"

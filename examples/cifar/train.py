@@ -66,6 +66,7 @@ def build_model(config: ml_collections.ConfigDict):
     kwargs = dict(norm=config.norm, num_classes=10, norm_overrides=overrides, dtype=dtype)
     if config.model == "resnet20":
         kwargs["width"] = config.width
+        kwargs["blocks_per_stage"] = config.get("blocks_per_stage", 3)
     elif config.model == "vgg":
         scale = config.width / 64
         kwargs["stages"] = tuple(tuple(max(1, int(w * scale)) for w in s)

@@ -13,6 +13,7 @@ def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.preset = preset
     c.model = "resnet20"
+    c.blocks_per_stage = 3          # residual blocks per stage: 3 is ResNet-20 (6n+2 layers)
     c.norm = "batch"                # the one field that switches the normalizer
     c.width = 16
     c.batch_size = 128
@@ -62,6 +63,7 @@ def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
         c.bfloat16 = True
     elif preset == "tiny":          # tests: a few steps on the fake fixture
         c.width = 4
+        c.blocks_per_stage = 1      # ResNet-8: the same code, a third of the compilation
         c.num_epochs = 1.0
         c.batch_size = 8
         c.eval_batch_size = 16
