@@ -149,10 +149,10 @@ def test_augmentation_is_reproducible_and_label_preserving_shapes():
 
 
 @pytest.mark.parametrize("names", [
-    # A layer that adds statistics, one that changes the linear layers, and the ghost-batch and
-    # per-example paths of the small-batch experiment. Every training run costs a worker process
-    # and a compilation; every registry name runs in the slow variant.
-    "batch_renorm,group,weight",
+    # Per-example statistics and changed linear layers, then the small-batch experiment's two
+    # paths: a ghost-batch run (batch_renorm) and a reused run (group). Three runs, two
+    # workers; every registry name runs in the slow variant.
+    "group,weight",
     pytest.param(None, marks=pytest.mark.slow),  # the preset's default: every registry name
 ])
 def test_comparison_runner(names, data, fixture_dir, tmp_path):
@@ -174,12 +174,15 @@ def test_comparison_runner(names, data, fixture_dir, tmp_path):
     for f in ("results.json", "results.md", "curves.png", "small_batch.png"):
         assert (tmp_path / f).stat().st_size > 0, f
     md = (tmp_path / "results.md").read_text()
-    assert "| batch_renorm |" in md and "Small-batch experiment" in md
+    assert "| batch_renorm |" in md and "| weight |" in md and "Small-batch experiment" in md
     assert "2 run(s) at a time, one thread each" in md
     meta = json.loads((tmp_path / "results.json").read_text())["meta"]
     assert meta["preset"] == "tiny" and meta["workers"] == 2
-    # The renorm run relaxed its bounds over a fifth of the 10 steps.
-    assert json.loads((tmp_path / "batch_renorm" / "history.json").read_text())["summary"]["steps"] == 10
+    # The ghost-batch run: BatchRenorm with statistics over 2 examples, bounds relaxed over a
+    # fifth of the 10 steps.
+    ghost = json.loads((tmp_path / "batch_renorm_b2" / "config.json").read_text())
+    assert train.parse_overrides(ghost["norm_overrides"]) == {"virtual_batch_size": 2, "warmup_steps": 2}
+    assert json.loads((tmp_path / "batch_renorm_b2" / "history.json").read_text())["summary"]["steps"] == 10
     # The metrics against an independent computation: the same run in this process (several
     # threads instead of one changes the reduction order; training amplifies it a little),
     # and the parameter count of the model itself.

@@ -103,7 +103,13 @@ def _run_jobs(jobs, data, workers: int, progress: bool) -> dict:
             out[label] = train.train_and_evaluate(c, wd, data=data, progress=progress)
             _print_row(label, out[label]["summary"])
         return out
-    env = {**os.environ, "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"}
+    # The runs share one persistent compilation cache: every run initializes and compiles the
+    # same convolutions, so after the first one most programs load instead of compiling
+    # (measured on the tiny preset: 25.8 s for the first run, 6.3 s for a second normalizer).
+    cache = {"JAX_COMPILATION_CACHE_DIR": str(jobs[0][2].parent / ".jax_cache"),
+             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    env = {**cache, **os.environ,
+           "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"}
     pending, running, out, free = list(jobs), {}, {}, list(range(workers))
     while pending or running:
         while pending and free:
