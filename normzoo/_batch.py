@@ -273,7 +273,8 @@ class BatchRenorm(_BatchFields):
 
     .. math:: y = \gamma \Big(\frac{x - \mu_B}{\sigma_B} r + d\Big) + \beta
 
-    where ``sg`` stops gradients. At inference the running statistics are used, as in
+    where ``sg`` stops gradients (for complex inputs ``d`` is clipped in magnitude,
+    ``|d| <= d_max``). At inference the running statistics are used, as in
     BatchNorm. Following the paper, the clipping bounds start at ``r_max = 1, d_max = 0``
     (plain BatchNorm) and relax linearly to the configured values over ``warmup_steps``
     training steps, counted in ``batch_stats['steps']``. With ``r_max=1, d_max=0`` this
@@ -350,8 +351,12 @@ class BatchRenorm(_BatchFields):
         r_max, d_max = 1.0 + (self.r_max - 1.0) * t, self.d_max * t
         inv_run = lax.rsqrt(running.var.value + self.epsilon)
         r = lax.stop_gradient(jnp.clip(inv_run / inv_batch, 1.0 / r_max, r_max))
-        d = lax.stop_gradient(jnp.clip((mean - running.mean.value) * inv_run, -d_max, d_max))
-        return r, d
+        d = (mean - running.mean.value) * inv_run
+        # Clipped in magnitude: clip(d, -d_max, d_max) for real d, and the same bound on |d|
+        # for complex inputs, whose d has no order.
+        size = jnp.abs(d)
+        d = jnp.where(size > d_max, d * (d_max / jnp.maximum(size, jnp.finfo(size.dtype).tiny)), d)
+        return r, lax.stop_gradient(d)
 
 
 class MeanOnlyBatchNorm(_BatchFields):

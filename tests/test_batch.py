@@ -379,3 +379,63 @@ def test_forward_over_reverse_hessian_vector_product_matches_flax(name, stats_pa
         return jax.jvp(jax.grad(loss), (x,), (t,))[1]
 
     np.testing.assert_allclose(hvp(ours), hvp(theirs), rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- complex inputs
+
+
+def _complex_input(shape, seed=0):
+    r = np.random.default_rng(seed)
+    return (r.normal(size=shape) + 1.0 + 1j * (r.normal(size=shape) * 2 - 0.5)).astype(np.complex64)
+
+
+@pytest.mark.parametrize("case", ["renorm", "mean_only", "ghost", "ibn"])
+def test_complex_inputs_in_the_batch_family(case, stats_path):
+    """Complex mean, real variance E|x - mean|^2 (flax's definition) in every batch layer;
+    BatchRenorm clips d in magnitude."""
+    x = _complex_input((8, 3, 3, 4))
+    xf = x.astype(np.complex128)
+    axes = (0, 1, 2)
+    layer = {
+        "renorm": normzoo.BatchRenorm(use_running_average=False, r_max=1.5, d_max=0.5, warmup_steps=0, momentum=0.5),
+        "mean_only": normzoo.MeanOnlyBatchNorm(use_running_average=False, momentum=0.5),
+        "ghost": normzoo.BatchNorm(use_running_average=False, virtual_batch_size=4, momentum=0.5),
+        "ibn": normzoo.IBN(use_running_average=False, momentum=0.5),
+    }[case]
+    v = layer.init(jax.random.key(0), x)
+    if case == "renorm":
+        v = {**v, "batch_stats": {"mean": jnp.asarray([0.0, 1.0, 2.0, 3.0], jnp.float32),
+                                  "var": jnp.asarray([0.5, 1.0, 2.0, 9.0], jnp.float32),
+                                  "steps": jnp.array(0, jnp.int32)}}
+    y, upd = layer.apply(v, x, mutable=["batch_stats"])
+    assert y.dtype == jnp.complex64
+    mean = xf.mean(axes)
+    var = (np.abs(xf - mean) ** 2).mean(axes)
+    if case == "renorm":
+        ra_mean, ra_var = np.asarray(v["batch_stats"]["mean"], np.float64), np.asarray(v["batch_stats"]["var"], np.float64)
+        sb, s = np.sqrt(var + 1e-5), np.sqrt(ra_var + 1e-5)
+        r = np.clip(sb / s, 1 / 1.5, 1.5)
+        d = (mean - ra_mean) / s
+        d = np.where(np.abs(d) > 0.5, d * 0.5 / np.abs(d), d)
+        want = (xf - mean) / sb * r + d
+        stats = {"mean": 0.5 * ra_mean + 0.5 * mean, "var": 0.5 * ra_var + 0.5 * var, "steps": 1}
+    elif case == "mean_only":
+        want = xf - mean
+        stats = {"mean": 0.5 * mean}
+    elif case == "ghost":
+        g = xf.reshape(2, 4, 3, 3, 4)
+        gm = g.mean((1, 2, 3), keepdims=True)
+        gv = (np.abs(g - gm) ** 2).mean((1, 2, 3), keepdims=True)
+        want = ((g - gm) / np.sqrt(gv + 1e-5)).reshape(xf.shape)
+        stats = {"mean": 0.5 * gm.mean(0).ravel(), "var": 0.5 + 0.5 * gv.mean(0).ravel()}
+    else:
+        inst_m = xf[..., :2].mean((1, 2), keepdims=True)
+        inst_v = (np.abs(xf[..., :2] - inst_m) ** 2).mean((1, 2), keepdims=True)
+        bm, bv = mean[2:], var[2:]
+        want = np.concatenate([(xf[..., :2] - inst_m) / np.sqrt(inst_v + 1e-5), (xf[..., 2:] - bm) / np.sqrt(bv + 1e-5)], -1)
+        stats = {"BN": {"mean": 0.5 * bm, "var": 0.5 + 0.5 * bv}}
+    np.testing.assert_allclose(y, want, atol=2e-5)
+    jax.tree.map(lambda got, w: np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-6), upd["batch_stats"], stats)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(upd["batch_stats"])[0]:
+        want_dtype = {"mean": jnp.complex64, "var": jnp.float32, "steps": jnp.int32}[path[-1].key]
+        assert leaf.dtype == want_dtype, (path, leaf.dtype)
