@@ -41,14 +41,18 @@ class Normalizer:
 
     Attributes:
       name: the registry name.
-      norm: ``norm(train, **fields) -> Module``, the activation normalizer; called as
-        ``module(x)`` (``train`` selects batch vs running statistics where it matters).
+      norm: ``norm(train, **fields) -> Module``, the activation normalizer; ``train`` is
+        required (flax's rule: no silent training-mode default) and selects batch vs running
+        statistics where it matters.
       late_norm: the normalizer for late stages; IBN-Net uses plain BatchNorm there,
         every other name returns ``norm``.
       dense: ``dense(features, **fields) -> Module``, the fully connected layer.
       conv: ``conv(features, kernel_size, **fields) -> Module``, the convolution.
       is_identity: True when ``norm`` does nothing (``none``, ``weight``, ``cosine``),
         so the model should give its layers a bias.
+      batch_statistics: True when ``norm`` normalizes by statistics across the batch: its
+        output depends on the other examples, it keeps running averages in ``batch_stats``,
+        and ghost batches (``virtual_batch_size``) apply.
     """
 
     name: str
@@ -57,23 +61,37 @@ class Normalizer:
     dense: Callable[..., nn.Module]
     conv: Callable[..., nn.Module]
     is_identity: bool
+    batch_statistics: bool
 
 
-_TRAINABLE = (BatchNorm, BatchRenorm, MeanOnlyBatchNorm, IBN)
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """One registry row: which layers a name configures, and where its overrides go."""
 
-# name -> (activation normalizer, default overrides, dense, conv)
-_TABLE: dict[str, tuple[type[nn.Module], dict[str, Any], Any, Any]] = {
-    "batch": (BatchNorm, {}, nn.Dense, nn.Conv),
-    "batch_renorm": (BatchRenorm, {}, nn.Dense, nn.Conv),
-    "instance": (InstanceNorm, {}, nn.Dense, nn.Conv),
-    "layer": (LayerNorm, {}, nn.Dense, nn.Conv),
+    norm: type[nn.Module]
+    defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
+    dense: type[nn.Module] = nn.Dense
+    conv: type[nn.Module] = nn.Conv
+    # "norm": overrides configure the activation normalizer; "linear": the dense and conv layers.
+    configures: str = "norm"
+    late_norm: type[nn.Module] | None = None  # IBN-Net: a different normalizer in late stages
+    switches: dict[str, type[nn.Module]] = dataclasses.field(default_factory=dict)  # flag -> norm
+
+
+_TABLE: dict[str, _Entry] = {
+    "batch": _Entry(BatchNorm),
+    "batch_renorm": _Entry(BatchRenorm),
+    "instance": _Entry(InstanceNorm),
+    "layer": _Entry(LayerNorm),
     # 4 groups divide every width of the CIFAR models (8 to 64 channels); flax's 32 does not.
-    "group": (GroupNorm, {"num_groups": 4}, nn.Dense, nn.Conv),
-    "rms": (RMSNorm, {}, nn.Dense, nn.Conv),
-    "weight": (Identity, {}, WeightNormDense, WeightNormConv),
-    "cosine": (Identity, {}, CosineDense, CosineConv),
-    "ibn": (IBN, {}, nn.Dense, nn.Conv),
-    "none": (Identity, {}, nn.Dense, nn.Conv),
+    "group": _Entry(GroupNorm, {"num_groups": 4}),
+    "rms": _Entry(RMSNorm),
+    # The WeightNorm paper adds a mean-only BatchNorm after each layer: mean_only_bn=True.
+    "weight": _Entry(Identity, dense=WeightNormDense, conv=WeightNormConv, configures="linear",
+                     switches={"mean_only_bn": MeanOnlyBatchNorm}),
+    "cosine": _Entry(Identity, dense=CosineDense, conv=CosineConv, configures="linear"),
+    "ibn": _Entry(IBN, late_norm=BatchNorm),
+    "none": _Entry(Identity),
 }
 
 
@@ -83,17 +101,17 @@ def available() -> list[str]:
 
 
 def _fields(cls) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name")}
+    return {f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("parent", "name")}
 
 
 def _norm_factory(cls: type[nn.Module], overrides: dict[str, Any]):
-    def norm(train: bool = True, **fields) -> nn.Module:
+    def norm(train: bool, **fields) -> nn.Module:
         kw = {**overrides, **fields}
-        if cls in _TRAINABLE or (cls is InstanceNorm and kw.get("track_running_stats")):
+        if "use_running_average" in _fields(cls):
             kw.setdefault("use_running_average", not train)
         return cls(**kw)
 
-    norm.__doc__ = f"Returns a configured {cls.__name__}; ``train`` picks batch statistics."
+    norm.__doc__ = f"Returns a configured {cls.__name__}; ``train`` picks batch vs running statistics."
     return norm
 
 
@@ -117,29 +135,28 @@ def make(name: str, **overrides: Any) -> Normalizer:
     """
     if name not in _TABLE:
         raise ValueError(f"unknown normalizer {name!r}; known names: {', '.join(available())}.")
-    cls, defaults, dense, conv = _TABLE[name]
-    overrides = {**defaults, **overrides}
-    if name in ("weight", "cosine"):
-        mean_only = overrides.pop("mean_only_bn", False) if name == "weight" else False
-        allowed = _fields(dense) & _fields(conv)
-        bad = sorted(set(overrides) - allowed)
-        if bad:
-            raise TypeError(
-                f"make({name!r}): {bad} are not fields of {dense.__name__}/{conv.__name__}; "
-                f"valid overrides: {sorted(allowed | ({'mean_only_bn'} if name == 'weight' else set()))}."
-            )
-        dense = functools.partial(dense, **overrides)
-        conv = functools.partial(conv, **overrides)
-        norm = _norm_factory(MeanOnlyBatchNorm if mean_only else Identity, {})
-        return Normalizer(name, norm, norm, dense, conv, is_identity=not mean_only)
-    bad = sorted(set(overrides) - _fields(cls))
+    entry = _TABLE[name]
+    overrides = {**entry.defaults, **overrides}
+    norm_cls = entry.norm
+    for flag, cls in entry.switches.items():
+        if overrides.pop(flag, False):
+            norm_cls = cls
+    if entry.configures == "linear":
+        target, allowed = f"{entry.dense.__name__}/{entry.conv.__name__}", _fields(entry.dense) & _fields(entry.conv)
+    else:
+        target, allowed = norm_cls.__name__, _fields(norm_cls)
+    bad = sorted(set(overrides) - allowed)
     if bad:
         raise TypeError(
-            f"make({name!r}): {bad} are not fields of {cls.__name__}; valid overrides: "
-            f"{sorted(_fields(cls))}."
+            f"make({name!r}): {bad} are not fields of {target}; valid overrides: "
+            f"{sorted(allowed | set(entry.switches))}."
         )
-    norm = _norm_factory(cls, overrides)
+    linear, layer = (overrides, {}) if entry.configures == "linear" else ({}, overrides)
+    norm = _norm_factory(norm_cls, layer)
     late = norm
-    if cls is IBN:
-        late = _norm_factory(BatchNorm, {k: v for k, v in overrides.items() if k != "ratio"})
-    return Normalizer(name, norm, late, dense, conv, is_identity=cls is Identity)
+    if entry.late_norm is not None:
+        late = _norm_factory(entry.late_norm, {k: v for k, v in layer.items() if k in _fields(entry.late_norm)})
+    return Normalizer(
+        name, norm, late, functools.partial(entry.dense, **linear), functools.partial(entry.conv, **linear),
+        is_identity=norm_cls is Identity, batch_statistics="virtual_batch_size" in _fields(norm_cls),
+    )

@@ -13,10 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-pytest.importorskip("ml_collections")
-
-from examples.cifar import compare, input_pipeline, train  # noqa: E402
-from examples.cifar.configs.default import NORMS, get_config  # noqa: E402
+from examples.cifar import compare, input_pipeline, train
+from examples.cifar.configs.default import NORMS, get_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

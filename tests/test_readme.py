@@ -29,4 +29,4 @@ def test_readme_test_command_is_what_ci_runs():
     assert "<!-- test-command -->" in text and "<!-- test-command -->" in ci
     block = text.split("<!-- test-command -->", 1)[1]
     command = re.search(r"```bash\n(.*?)```", block, flags=re.S).group(1).strip()
-    assert command.endswith("pytest") and "pip install -e '.[dev,examples]'" in command
+    assert command.endswith("pytest") and "pip install -e '.[dev]'" in command

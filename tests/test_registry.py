@@ -40,7 +40,7 @@ def test_overrides_reach_the_layer():
     layer = spec.norm(train=True)
     assert (layer.r_max, layer.warmup_steps) == (2.0, 10)
     assert normzoo.make("cosine", use_scale=True).dense(3).use_scale
-    assert normzoo.make("group", num_groups=2).norm().num_groups == 2
+    assert normzoo.make("group", num_groups=2).norm(train=True).num_groups == 2
 
 
 def test_weight_mean_only_option_and_ibn_late_norm():
@@ -68,3 +68,23 @@ def test_unknown_name_lists_known_ones():
 def test_unknown_override_names_the_valid_fields(name, bad):
     with pytest.raises(TypeError, match=rf"make\('{name}'\): \['{bad}'\] are not fields of .*valid overrides"):
         normzoo.make(name, **{bad: 1})
+
+
+def test_train_must_be_given():
+    with pytest.raises(TypeError, match="train"):
+        normzoo.make("batch").norm()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_batch_statistics_property_says_whether_other_examples_matter(name):
+    """The property the examples derive from: output depends on the other examples."""
+    spec = normzoo.make(name)
+    x = np.random.default_rng(0).normal(size=(4, 3, 3, 4)).astype(np.float32)
+    layer = spec.norm(train=True)
+    v = layer.init(jax.random.key(0), x)
+    y_all, _ = layer.apply(v, x, mutable=["batch_stats"])
+    y_one, _ = layer.apply(v, x[:2], mutable=["batch_stats"])
+    depends = not np.allclose(y_all[:2], y_one, atol=1e-6)
+    assert spec.batch_statistics == depends == ("batch_stats" in v)
+    weight = normzoo.make("weight", mean_only_bn=True)
+    assert weight.batch_statistics and not weight.is_identity

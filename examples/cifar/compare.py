@@ -37,9 +37,6 @@ import ml_collections
 import normzoo
 from examples.cifar import input_pipeline, train
 
-BATCH_FAMILY = {"batch", "batch_renorm", "ibn"}
-
-
 def _configure(base: ml_collections.ConfigDict, norm: str, steps: int) -> ml_collections.ConfigDict:
     c = copy.deepcopy(base)
     c.norm = norm
@@ -68,7 +65,7 @@ def run_comparison(config: ml_collections.ConfigDict, data=None, progress: bool 
     jobs = [(norm, _configure(config, norm, steps), workdir / norm) for norm in norms]
     small_names = [n for n in config.small_batch_norms.split(",") if n] if config.small_batch else []
     for norm in small_names:
-        if norm in BATCH_FAMILY:
+        if normzoo.make(norm).batch_statistics:
             c = _configure(config, norm, steps)
             c.norm_overrides = train.format_overrides(
                 {**train.parse_overrides(c.norm_overrides), "virtual_batch_size": config.small_batch_size})
@@ -77,7 +74,8 @@ def run_comparison(config: ml_collections.ConfigDict, data=None, progress: bool 
             jobs.append((norm, _configure(config, norm, steps), workdir / norm))
     done = _run_jobs(jobs, data, config.get("workers", 1), progress)
     runs = {n: done[n] for n in table_order}
-    small = {n: done[f"{n}@{config.small_batch_size}"] if n in BATCH_FAMILY else done[n] for n in small_names}
+    small = {n: done[f"{n}@{config.small_batch_size}"] if normzoo.make(n).batch_statistics else done[n]
+             for n in small_names}
     results = {
         "meta": _meta(config, time.time() - started, data),
         "runs": {k: v["summary"] for k, v in runs.items()},
