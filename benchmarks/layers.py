@@ -21,6 +21,7 @@ Linear layers (WeightNorm, Cosine) are compute-bound; they are compared with pla
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -114,18 +115,21 @@ def _time(f, *args) -> float:
     return time.perf_counter() - t
 
 
-def interleaved(fa, args_a, fb, args_b, rounds: int, min_time: float):
-    """Median time of A and B and median of the per-round ratios A/B, timed A B A B ..."""
+def interleaved(fa, args_a, fb, args_b, rounds: int, min_time: float, fc=None, args_c=None):
+    """Median time of A and B (and C) and the medians of the per-round ratios A/B (and A/C),
+    timed round-robin A B C A B C ..."""
+    fns = [(fa, args_a), (fb, args_b)] + ([(fc, args_c)] if fc is not None else [])
     for _ in range(2):  # compile and warm up
-        _time(fa, *args_a)
-        _time(fb, *args_b)
-    ta, tb = [], []
+        for f, args in fns:
+            _time(f, *args)
+    times = [[] for _ in fns]
     start = time.perf_counter()
-    while len(ta) < rounds or (time.perf_counter() - start < min_time and len(ta) < 10 * rounds):
-        ta.append(_time(fa, *args_a))
-        tb.append(_time(fb, *args_b))
-    ratios = [a / b for a, b in zip(ta, tb)]
-    return statistics.median(ta), statistics.median(tb), statistics.median(ratios), len(ta)
+    while len(times[0]) < rounds or (time.perf_counter() - start < min_time and len(times[0]) < 10 * rounds):
+        for t, (f, args) in zip(times, fns):
+            t.append(_time(f, *args))
+    medians = [statistics.median(t) for t in times]
+    ratios = [statistics.median(a / b for a, b in zip(times[0], t)) for t in times[1:]]
+    return medians, ratios, len(times[0])
 
 
 def bandwidth(x: jax.Array, rounds: int) -> float:
@@ -156,19 +160,25 @@ def run(full: bool = False, rounds: int = 7, min_time: float = 0.5, only: str | 
                     theirs = theirs.clone(dtype=dtype)
                 pa, fa, ga = _fns(ours, x)
                 pb, fb, gb = _fns(theirs, x)
+                # Like with like: flax's stable mode too, where it has one.
+                stable = "use_fast_variance" in {f.name for f in dataclasses.fields(theirs)}
+                pc, fc, gc = _fns(theirs.clone(use_fast_variance=False), x) if stable else (None, None, None)
                 key = (shape_name, str(jnp.dtype(dtype)))
                 if key not in bw_cache:
                     bw_cache[key] = bandwidth(x, rounds)
-                for pass_name, a, b, extra in (("fwd", fa, fb, ()), ("fwd+bwd", ga, gb, None)):
-                    if extra is None:
+                for pass_name, a, b, c in (("fwd", fa, fb, fc), ("fwd+bwd", ga, gb, gc)):
+                    if pass_name == "fwd+bwd":
                         dy = jnp.ones_like(fa(pa, x))
-                        args_a, args_b = (pa, x, dy), (pb, x, dy)
+                        args_a, args_b, args_c = (pa, x, dy), (pb, x, dy), (pc, x, dy)
                     else:
-                        args_a, args_b = (pa, x), (pb, x)
-                    t_a, t_b, ratio, n = interleaved(a, args_a, b, args_b, rounds, min_time)
+                        args_a, args_b, args_c = (pa, x), (pb, x), (pc, x)
+                    (t_a, t_b, *t_c), (ratio, *ratio_c), n = interleaved(
+                        a, args_a, b, args_b, rounds, min_time, c, args_c if stable else None)
                     row = {"layer": case.name, "baseline": case.baseline, "shape": "x".join(map(str, x.shape)),
                            "dtype": str(jnp.dtype(dtype)), "pass": pass_name, "normzoo_ms": t_a * 1e3,
                            "baseline_ms": t_b * 1e3, "ratio": ratio, "rounds": n}
+                    if stable:
+                        row["stable_ms"], row["stable_ratio"] = t_c[0] * 1e3, ratio_c[0]
                     if case.kind == "norm":
                         traffic = (2 if pass_name == "fwd" else 5) * x.nbytes
                         row["floor_fraction"] = traffic / t_a / bw_cache[key]
@@ -191,8 +201,9 @@ def run(full: bool = False, rounds: int = 7, min_time: float = 0.5, only: str | 
 
 def _fmt_row(r) -> str:
     floor = f" | {100 * r['floor_fraction']:.0f}% | {100 * r['baseline_floor_fraction']:.0f}%" if "floor_fraction" in r else " | | "
+    stable = f"{r['stable_ms']:.2f} | {r['stable_ratio']:.2f}" if "stable_ms" in r else " | "
     return (f"| {r['layer']} | {r['baseline']} | {r['shape']} | {r['dtype']} | {r['pass']} | "
-            f"{r['normzoo_ms']:.2f} | {r['baseline_ms']:.2f} | {r['ratio']:.2f}{floor} |")
+            f"{r['normzoo_ms']:.2f} | {r['baseline_ms']:.2f} | {r['ratio']:.2f} | {stable}{floor} |")
 
 
 def to_markdown(result: dict) -> str:
@@ -206,8 +217,8 @@ def to_markdown(result: dict) -> str:
         f"Measured bandwidth (jitted x*2): {bw}.",
         "",
         "| layer | baseline | shape | dtype | pass | normzoo ms | baseline ms | ratio (median of rounds) "
-        "| normzoo % of floor | baseline % of floor |",
-        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| baseline stable ms | ratio to stable | normzoo % of floor | baseline % of floor |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     lines += [_fmt_row(r) for r in result["rows"]]
     return "\n".join(lines) + "\n"

@@ -368,7 +368,7 @@ def test_no_branch_on_data_in_any_layer():
 
 @pytest.mark.parametrize("name", ["batch", "instance", "group", "layer"])
 def test_forward_over_reverse_hessian_vector_product_matches_flax(name):
-    """Forward mode works through the checked statistics (custom_jvp, lax.cond) as through flax."""
+    """Forward mode works through the written-out moment derivatives (custom_jvp) as through flax."""
     ours, theirs = {
         "batch": (normzoo.BatchNorm(use_running_average=False), nn.BatchNorm(use_running_average=False)),
         "instance": (normzoo.InstanceNorm(), nn.InstanceNorm()),

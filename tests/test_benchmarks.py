@@ -21,6 +21,7 @@ def test_layer_benchmark_on_tiny_shapes(tmp_path, monkeypatch):
     for r in rows:
         assert r["normzoo_ms"] > 0 and r["baseline_ms"] > 0
         assert r["ratio"] == pytest.approx(r["normzoo_ms"] / r["baseline_ms"], rel=1e-9)  # one round: its ratio
+        assert ("stable_ratio" in r) == (r["baseline"] in {"nn.BatchNorm", "nn.InstanceNorm", "nn.GroupNorm", "nn.LayerNorm", "nn.RMSNorm"})
         assert ("floor_fraction" in r) == (r["layer"] not in {"WeightNormDense", "CosineDense"})
     md = layers.to_markdown(result)
     assert md.count("\n| ") == len(rows) + 2 and "GB/s" in md  # header, separator, rows
