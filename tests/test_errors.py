@@ -54,12 +54,17 @@ def init(layer, x=X4, **kw):
      r"LayerNorm: `reduction_axes`=\(7,\) is out of range for an input of rank 4"),
     (normzoo.RMSNorm(feature_axes=-9), {}, ValueError,
      r"RMSNorm: `feature_axes`=\(-9,\) is out of range"),
-    (normzoo.CosineConv(4, (3, 3), padding="CIRCULAR"), {}, ValueError,
-     r"CosineConv: padding='CIRCULAR' is not supported; use 'SAME', 'VALID', an int"),
+    (normzoo.CosineConv(4, (3, 3), padding="MIRROR"), {}, ValueError,
+     r"CosineConv: padding='MIRROR' is not supported; use one of 'SAME', 'VALID', 'SAME_LOWER', 'CIRCULAR', "
+     r"'REFLECT', 'CAUSAL', an int"),
+    (normzoo.CosineConv(4, (3, 3), feature_group_count=3), {}, ValueError,
+     r"CosineConv: feature_group_count=3 must divide the 8 input and 4 output features"),
+    (normzoo.WeightNormConv(4, (3, 3), mask=jnp.ones((3, 3, 4, 4))), {}, ValueError,
+     r"WeightNormConv: `mask` has shape \(3, 3, 4, 4\), but the kernel has shape \(3, 3, 8, 4\)"),
     (normzoo.WeightNormConv(4, (3, 3), padding=[(1, 1)]), {}, ValueError,
      r"WeightNormConv: padding=\(\(1, 1\),\) must give one int or \(low, high\) pair per spatial axis \(2\)"),
-    (normzoo.WeightNormConv(4, (3, 3, 3)), {}, ValueError,
-     r"WeightNormConv: `kernel_size`=\(3, 3, 3\) must be an int or 2 ints, one per spatial axis"),
+    (normzoo.WeightNormConv(4, (3, 3), strides=(1, 1, 1)), {}, ValueError,
+     r"WeightNormConv: `strides`=\(1, 1, 1\) must be an int or 2 ints, one per spatial axis"),
 ])
 def test_configuration_errors(layer, kw, exc, pattern):
     with pytest.raises(exc, match=pattern):
@@ -69,8 +74,9 @@ def test_configuration_errors(layer, kw, exc, pattern):
 def test_rank_errors():
     # (BatchNorm, GroupNorm and InstanceNorm with nothing left to reduce work as in flax:
     # test_flax_conformance.py.)
-    with pytest.raises(ValueError, match=r"CosineConv: expected an input of rank >= 3 \(features last\), got shape \(4, 3\)"):
-        init(normzoo.CosineConv(2, 3), jnp.ones((4, 3)))
+    with pytest.raises(ValueError, match=(r"CosineConv: kernel_size=\(3, 3\) convolves 2 spatial axes, which needs an "
+                                          r"input of rank >= 3 \(features last\), got shape \(4, 3\)")):
+        init(normzoo.CosineConv(2, (3, 3)), jnp.ones((4, 3)))
 
 
 @pytest.mark.parametrize("layer,kw", [
