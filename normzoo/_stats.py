@@ -22,18 +22,25 @@ Numerics (why it looks the way it does):
   is never sliced, because that is the axis sharded across devices; when it is the
   only reduced axis (BatchNorm on (N, C)), and when a mask may make the first
   slice padding, the pilot is the exact mean instead (one more pass).
-* **One path on every platform, no branch on data.** The shifted sums and the centered
-  output map ``y = (x - mean) * mul + add`` are each one jitted function (compiled once
-  per shape when called eagerly; inlined under a trace). That boundary is what makes them
-  fast on XLA:CPU too: autodiff then keeps the function's inputs rather than ``x - mean``,
-  and the backward pass recomputes the difference fused into its reductions. Measured at
-  64x32x32x64 fwd+bwd: 0.55 to 0.61 the time of flax's BatchNorm, where the same code
-  without the boundaries took 0.91 to 0.94 (``benchmarks/README.md``); an earlier version
-  checked the fast sums ``E|x|^2 - |E x|^2`` and branched, which this replaces at the same
-  speed.
+* **Two paths, chosen in one place** (:func:`by_platform`, with
+  ``jax.lax.platform_dependent``: by the platform the computation is lowered for). XLA:CPU
+  does not fuse ``x - p`` into a reduction (it writes the difference out first), so there
+  the statistics start from the plain sums ``sum(x)``, ``sum(|x|^2)`` and check them: if
+  any ``|mean|^2 > 16 var`` (a mean beyond 4 standard deviations, where the fast variance
+  could lose more than ~4 bits) a ``lax.cond`` redoes the shifted sums around that mean,
+  which is then accurate to float32 rounding. Typical activations never take the second
+  pass; x ~ N(1e4, 1) always does. Every other platform fuses the subtraction, so it
+  takes the one shifted pass and never branches on data. The check is per device, before
+  any communication; under ``jax.vmap`` it is taken once for the whole mapped batch (a
+  ``custom_vmap`` predicate), so the ``lax.cond`` stays a branch instead of becoming a
+  select that runs both sides.
 * The derivatives of the statistics are written out (``dmean = dx/n``,
-  ``dM2 = 2 Re(conj(x - mean) dx)``, a ``custom_jvp``), not traced through the pilot and
-  the shift. Forward mode (``jax.jvp``, ``jax.hessian``) works as for flax.
+  ``dM2 = 2 Re(conj(x - mean) dx)``), not traced through these choices. On the checked
+  path the output map ``y = (x - mean) * mul + add`` is applied as ``x * mul + (add -
+  mean * mul)`` when the same 4-standard-deviation check holds (:class:`AffineMap`), so
+  that its backward pass needs only plain sums too. All of it is ordinary JAX
+  (``custom_jvp``, ``lax.cond``): forward mode (``jax.jvp``, ``jax.hessian``) works as
+  for flax.
 * Across devices (``axis_name`` set) every device writes its triple into its own
   slot of a zero array and a single ``psum`` hands every device all the triples
   (adding zeros is exact). Each device then combines them with Chan's parallel
@@ -49,11 +56,12 @@ Numerics (why it looks the way it does):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -61,6 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.linen import dtypes as flax_dtypes
 from jax import lax
+from jax.custom_batching import custom_vmap
 
 Array = jax.Array
 Axes = int | Sequence[int]
@@ -144,6 +153,60 @@ def check_mask(mask: Array | None, x: Array, *, layer: str) -> Array | None:
     return jnp.broadcast_to(mask, x.shape)
 
 
+# ----------------------------------------------------------------------------- the two paths
+
+# Forced path for code traced while it is set (tests and benchmarks); None: by platform.
+_forced_path: str | None = None
+PATHS = ("checked", "shifted")
+
+
+@contextlib.contextmanager
+def statistics_path(path: str | None) -> Iterator[None]:
+    """Forces the statistics path of everything traced inside: ``"checked"`` (XLA:CPU's
+    checked fast sums), ``"shifted"`` (every other platform) or None (by platform).
+
+    For tests and benchmarks, which run both paths on one machine. Clear JAX's caches
+    (``jax.clear_caches()``) when switching, or functions traced earlier keep their path.
+    """
+    global _forced_path
+    if path not in PATHS + (None,):
+        raise ValueError(f"statistics_path: path={path!r} must be one of {PATHS} or None.")
+    previous, _forced_path = _forced_path, path
+    try:
+        yield
+    finally:
+        _forced_path = previous
+
+
+def by_platform(*, checked: Callable[[], Any], shifted: Callable[[], Any]) -> Any:
+    """The one place that picks a path: ``checked()`` on XLA:CPU, ``shifted()`` elsewhere.
+
+    The choice is made when the computation is lowered, for the platform it is lowered
+    for (``jax.lax.platform_dependent``), so compiled code contains one path only.
+    """
+    if _forced_path is not None:
+        return {"checked": checked, "shifted": shifted}[_forced_path]()
+    return lax.platform_dependent(cpu=checked, default=shifted)
+
+
+@custom_vmap
+def _all(flags: Array) -> Array:
+    return jnp.all(flags)
+
+
+@_all.def_vmap
+def _all_vmap(axis_size, in_batched, flags):
+    # One answer for the whole mapped batch: the lax.cond it feeds stays a branch under
+    # jax.vmap (a batched predicate would turn it into a select that runs both sides).
+    del axis_size, in_batched
+    return jnp.all(flags), False
+
+
+def _checked(fast: Array, cheap: Callable, careful: Callable, *operands):
+    """``cheap(*operands)`` if every ``fast`` flag holds, else ``careful(*operands)``."""
+    return lax.cond(_all(lax.stop_gradient(fast)), cheap, careful, *operands)
+
+
 # ----------------------------------------------------------------------------- devices
 
 
@@ -219,6 +282,12 @@ def group_mean(stacked: Array, member: Array | None) -> Array:
 # ----------------------------------------------------------------------------- moments
 
 
+# Where the fast formulas are trusted: every |mean| <= _SPREAD standard deviations.
+# There E|x|^2 - |E x|^2 and sum(dy*x) - mean*sum(dy) lose at most log2(1 + 4**2) ~ 4 bits
+# to cancellation, about what float32 summation loses anyway.
+_SPREAD = 4.0
+
+
 def local_moments(
     x: Array, axes: tuple[int, ...], mask: Array | None, use_mean: bool
 ) -> tuple[Array, Array, Array]:
@@ -228,7 +297,7 @@ def local_moments(
     has x's dtype. With ``use_mean=False`` ``mean`` is zero and ``M2`` is the plain sum of
     squares (RMSNorm). ``axes`` may be empty: then each element is its own statistic
     (count 1, M2 0). The derivative is defined analytically (``dmean = dx/n``,
-    ``dM2 = 2 Re(conj(x - mean) dx)``), so the backward pass never traces the shift.
+    ``dM2 = 2 Re(conj(x - mean) dx)``), so the backward pass never sees which path ran.
     """
     return _local_moments_jit(x, mask, axes, use_mean)
 
@@ -256,15 +325,28 @@ def _local_moments(x, mask, axes, use_mean):
     if not axes:  # nothing to reduce (a per-example vmap): each element is its own mean
         return count, rsum(x), jnp.zeros(count.shape, real)
 
-    if mask is None and axes[-1] != 0:
-        # The pilot: the mean of the first slice along the innermost reduced axis.
-        pilot = jnp.mean(lax.slice_in_dim(x, 0, 1, axis=axes[-1]), axes)
-    else:  # padding, or the sharded batch axis: the exact mean (one more pass)
-        pilot = rsum(x) / safe
-    d = x - jnp.expand_dims(pilot, axes)
-    s1, s2 = rsum(d), rsum(abs_sq(d))
-    # s2 - |s1|^2/n is >= 0 in exact arithmetic; clip round-off so rsqrt never sees < 0.
-    return count, pilot + s1 / safe, jnp.maximum(s2 - abs_sq(s1) / safe, 0.0)
+    def shifted(pilot):
+        d = x - jnp.expand_dims(pilot, axes)
+        s1, s2 = rsum(d), rsum(abs_sq(d))
+        # s2 - |s1|^2/n is >= 0 in exact arithmetic; clip round-off so rsqrt never sees < 0.
+        return pilot + s1 / safe, jnp.maximum(s2 - abs_sq(s1) / safe, 0.0)
+
+    def checked():
+        # The fast sums, checked. Where a mean is large against its spread, a second
+        # pass around the (accurate) fast mean corrects both.
+        s1, s2 = rsum(x), rsum(abs_sq(x))
+        mean = s1 / safe
+        m2 = jnp.maximum(s2 - abs_sq(s1) / safe, 0.0)
+        return _checked(abs_sq(mean) * count <= _SPREAD**2 * m2, lambda: (mean, m2), lambda: shifted(mean))
+
+    def one_pass():
+        if mask is None and axes and axes[-1] != 0:
+            # Around the mean of the first slice along the innermost reduced axis.
+            return shifted(jnp.mean(lax.slice_in_dim(x, 0, 1, axis=axes[-1]), axes))
+        return shifted(rsum(x) / safe)  # padding, or the sharded batch axis: the exact mean
+
+    mean, m2 = by_platform(checked=checked, shifted=one_pass)
+    return count, mean, m2
 
 
 _local_moments_jit = jax.jit(_local_moments, static_argnums=(2, 3))
@@ -488,7 +570,8 @@ class RunningStats:
 
 
 @functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["mean", "mul", "add"], meta_fields=["dtype"]
+    jax.tree_util.register_dataclass,
+    data_fields=["mean", "mul", "add", "small_mean"], meta_fields=["dtype"],
 )
 @dataclasses.dataclass(frozen=True)
 class AffineMap:
@@ -498,8 +581,17 @@ class AffineMap:
     with :meth:`normalizing`; layers return it from their public ``affine_map`` method (at
     inference it is the per-channel scale ``mul`` and shift ``add - mean * mul`` that
     folding into a preceding layer needs), and layers built from others (IBN) :meth:`join`
-    their parts' maps and apply them in one pass over ``x``. It is applied as written,
-    centered (``x - mean`` first: no cancellation for large means), by one jitted function.
+    their parts' maps and apply them in one pass over ``x``.
+
+    ``small_mean`` (a bool, or None for "unknown") says that every ``|mean|`` is within
+    ``_SPREAD`` standard deviations of the data. On the checked path (:func:`by_platform`)
+    the map is then applied as ``x * mul + (add - mean * mul)``, whose backward pass takes
+    ``sum(dy * (x - mean))`` as ``sum(dy * x) - mean * sum(dy)``: plain reductions, no
+    ``x - mean`` pass, and at most ~4 bits lost to cancellation. Otherwise, and on every
+    other platform, it is applied as written (on the checked path recomputing ``x - mean``
+    in the backward pass rather than storing it). Maps as large as ``x`` (LayerNorm's
+    per-row statistics times per-feature scale) have no such sums and are always applied as
+    written.
 
     A pytree (``dtype`` is static), so it can be returned from jitted and Flax functions.
     """
@@ -508,6 +600,7 @@ class AffineMap:
     mul: Array
     add: Array | None
     dtype: Any
+    small_mean: Array | None = None
 
     @classmethod
     def normalizing(cls, x: Array, mean: Array, inv: Array, *, scale: Array | None = None,
@@ -525,10 +618,12 @@ class AffineMap:
         add = offset if offset is None or scale is None else offset * scale
         if bias is not None:
             add = bias if add is None else add + bias
-        return cls(mean, mul, add, dtype)
+        small = jnp.all(lax.stop_gradient(jnp.abs(mean * inv)) <= _SPREAD)
+        return cls(mean, mul, add, dtype, small)
 
     def __call__(self, x: Array) -> Array:
         return _apply_map(x, self)
+
 
     def join(self, other: AffineMap, axis: int, rank: int, split: int, size: int) -> AffineMap:
         """This map on channels ``[:split]`` of ``axis`` and ``other`` on ``[split:size]``.
@@ -548,18 +643,38 @@ class AffineMap:
             a, b = pad(a, 0, size - split), pad(b, split, 0)
             return b if a is None else a if b is None else a + b
 
+        small = None
+        if self.small_mean is not None and other.small_mean is not None:
+            small = jnp.logical_and(self.small_mean, other.small_mean)
         return AffineMap(both(self.mean, other.mean), both(self.mul, other.mul),
-                         both(self.add, other.add), jnp.promote_types(self.dtype, other.dtype))
+                         both(self.add, other.add), jnp.promote_types(self.dtype, other.dtype), small)
 
 
-# One jitted function (compiled once per shape when called eagerly, inlined under a trace):
-# its boundary makes autodiff keep x rather than x - mean, and the backward pass recomputes
-# the difference inside its fused reductions (module notes).
+def _centered(x, mean, mul, add):
+    y = (x - mean) * mul
+    return y if add is None else y + add
+
+
+def _shortcut(x, mean, mul, add):
+    offset = -mean * mul
+    return x * mul + (offset if add is None else add + offset)
+
+
+# Jitted (and so compiled once per shape when called eagerly, e.g. by `init`): eager
+# branches on data would otherwise compile anew at every call. Under a trace they inline.
 @jax.jit
 def _apply_map(x: Array, amap: AffineMap) -> Array:
     x = jnp.asarray(x, jnp.promote_types(stats_dtype(x.dtype), jnp.result_type(amap.mean)))
-    y = (x - amap.mean) * amap.mul
-    return jnp.asarray(y if amap.add is None else y + amap.add, amap.dtype)
+    args = (x, amap.mean, amap.mul, amap.add)
+    parts = [jnp.shape(a) for a in args[1:] if a is not None]
+    if amap.small_mean is None or math.prod(jnp.broadcast_shapes(*parts)) >= x.size:
+        y = _centered(*args)
+    else:
+        y = by_platform(
+            checked=lambda: _checked(amap.small_mean, _shortcut, jax.checkpoint(_centered), *args),
+            shifted=lambda: _centered(*args),
+        )
+    return jnp.asarray(y, amap.dtype)
 
 
 def affine_params(mdl, shape: tuple[int, ...], view: tuple[int, ...], *, use_scale: bool,
@@ -589,10 +704,12 @@ def feature_view(rank: int, feature_axes: tuple[int, ...], shape) -> tuple[int, 
 
 __all__ = [
     "AffineMap",
+    "PATHS",
     "RunningStats",
     "UnboundAxisError",
     "abs_sq",
     "affine_params",
+    "by_platform",
     "canonicalize_axes",
     "check_mask",
     "combine_moments",
@@ -603,6 +720,7 @@ __all__ = [
     "moments",
     "nominal_dtype",
     "param_with_shape",
+    "statistics_path",
     "stats_dtype",
     "synced_moments",
     "sync_batch_stats",

@@ -1,5 +1,6 @@
-"""Test setup: 8 simulated CPU devices and a shared compilation cache (set before JAX is imported)."""
+"""Test setup: 8 simulated CPU devices (set before JAX is imported), and the two statistics paths."""
 
+import contextlib
 import os
 import tempfile
 
@@ -16,18 +17,65 @@ for _key, _value in (("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettemp
     os.environ.setdefault(_key, _value)
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
 def lowered_branches(fn, *args) -> int:
-    """Number of branches (``stablehlo.case``) in ``fn``'s lowered computation."""
+    """Number of data-dependent branches (``stablehlo.case``) in ``fn``'s lowered computation."""
     return jax.jit(fn).lower(*args).as_text().count("stablehlo.case")
+
+
+def _bn_step(x):
+    import normzoo
+
+    layer = normzoo.BatchNorm(use_running_average=False)
+    v = layer.init(jax.random.key(0), x)
+    return jax.grad(lambda x: jnp.sum(layer.apply(v, x, mutable=["batch_stats"])[0] ** 2))(x)
 
 
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@contextlib.contextmanager
+def forced_path(path):
+    """Runs the body on one statistics path: ``"checked"`` (XLA:CPU's checked fast sums) or
+    ``"shifted"`` (every other platform), forced here on the CPU.
+
+    Asserts from the lowered computation that the forced path is the one compiled (the
+    checked path branches on the data, the shifted one never does), and that the body
+    really traced statistics through it.
+    """
+    from normzoo import _stats
+
+    traced = []
+    choose = _stats.by_platform
+
+    def counting(**branches):
+        traced.append(path)
+        return choose(**branches)
+
+    jax.clear_caches()  # nothing traced on the other path may be reused
+    try:
+        with pytest.MonkeyPatch.context() as mp, _stats.statistics_path(path):
+            mp.setattr(_stats, "by_platform", counting)
+            branches = lowered_branches(_bn_step, jnp.ones((4, 3)))
+            assert (branches > 0) == (path == "checked"), (path, branches)
+            traced.clear()
+            yield path
+    finally:
+        jax.clear_caches()
+    assert traced, f"the test never traced the {path} statistics path"
+
+
+@pytest.fixture(params=["checked", "shifted"])
+def stats_path(request):
+    """Runs a test on both statistics paths (see :func:`forced_path`)."""
+    with forced_path(request.param) as path:
+        yield path
 
 
 def pytest_report_header(config):

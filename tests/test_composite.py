@@ -12,7 +12,7 @@ from tests.test_batch import make_input
 SHAPE = (6, 4, 4, 8)
 
 
-def test_ibn_matches_reference_halves():
+def test_ibn_matches_reference_halves(stats_path):
     x = make_input("normal", SHAPE)
     layer = normzoo.IBN(ratio=0.25, use_running_average=False, momentum=0.0)
     v = layer.init(jax.random.key(0), x)
@@ -23,7 +23,7 @@ def test_ibn_matches_reference_halves():
     np.testing.assert_allclose(upd["batch_stats"]["BN"]["mean"], ref.f64(x[..., 2:]).mean((0, 1, 2)), rtol=1e-5)
 
 
-def test_ibn_ratio_one_is_instance_norm_and_zero_is_batch_norm():
+def test_ibn_ratio_one_is_instance_norm_and_zero_is_batch_norm(stats_path):
     x = make_input("normal", SHAPE, seed=1)
     y1, v1 = normzoo.IBN(ratio=1.0, use_running_average=False).init_with_output(jax.random.key(0), x)
     y_in, _ = normzoo.InstanceNorm(epsilon=1e-5).init_with_output(jax.random.key(0), x)
@@ -38,7 +38,7 @@ def test_ibn_ratio_one_is_instance_norm_and_zero_is_batch_norm():
     np.testing.assert_allclose(u0["batch_stats"]["BN"]["var"], ub["batch_stats"]["var"], rtol=1e-6)
 
 
-def test_ibn_eval_uses_running_statistics_for_the_batch_half():
+def test_ibn_eval_uses_running_statistics_for_the_batch_half(stats_path):
     x = make_input("normal", SHAPE, seed=2)
     layer = normzoo.IBN(ratio=0.5)
     v = layer.init(jax.random.key(0), x, use_running_average=True)
@@ -49,7 +49,7 @@ def test_ibn_eval_uses_running_statistics_for_the_batch_half():
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0])
-def test_ibn_gradients_finite_on_constant_channel(ratio):
+def test_ibn_gradients_finite_on_constant_channel(ratio, stats_path):
     x = make_input("constant_channel", SHAPE)
     layer = normzoo.IBN(ratio=ratio, use_running_average=False)
     v = layer.init(jax.random.key(0), x)
@@ -71,7 +71,7 @@ def _split_reference(layer, variables, x, mask=None, **bn_kw):
 
 
 @pytest.mark.parametrize("extra", [{}, {"virtual_batch_size": 2}, {"masked": True}])
-def test_ibn_one_pass_equals_split_definition_with_gradients(extra):
+def test_ibn_one_pass_equals_split_definition_with_gradients(extra, stats_path):
     """The joined affine maps give the split definition's outputs, statistics and gradients."""
     x = make_input("large_mean", SHAPE, seed=3)
     kw = {k: v for k, v in extra.items() if k != "masked"}

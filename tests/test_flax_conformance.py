@@ -185,7 +185,7 @@ DTYPES = {  # input dtype -> (relative tolerance of outputs and statistics, of g
 
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
-def test_same_outputs_statistics_and_gradients_as_flax(dtype, masked):
+def test_same_outputs_statistics_and_gradients_as_flax(dtype, masked, stats_path):
     dt, rel, grad_rel = DTYPES[dtype]
     x = make_x(dt)
     masks = None
@@ -246,7 +246,7 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize("name,ctor,shape", CONFIGS, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(CONFIGS)])
-def test_flax_test_configurations_side_by_side(name, ctor, shape):
+def test_flax_test_configurations_side_by_side(name, ctor, shape, stats_path):
     (y1, s1, g1), (y2, s2, g2) = run_pair(name, make_x(shape=shape), ctor=ctor)
     assert_close(y1, y2, 1e-5)
     assert_close(s1, s2, 1e-6)
@@ -282,7 +282,7 @@ def test_eval_shape_as_flax(name):
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n != "RMSNorm"])  # no mean: flax's formula
-def test_large_mean_is_closer_to_float64_than_flax(name):
+def test_large_mean_is_closer_to_float64_than_flax(name, stats_path):
     """The documented improvement: stable statistics. flax's default (fast variance) loses
     every digit at x ~ N(1e4, 2); its stable mode is matched."""
     x = make_x(shift=1e4, seed=4)
@@ -328,7 +328,7 @@ def test_force_float32_reductions_false_keeps_flax_dtypes_and_float32_statistics
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_batch_norm_per_example_under_vmap_with_axis_name_equals_batched(masked):
+def test_batch_norm_per_example_under_vmap_with_axis_name_equals_batched(masked, stats_path):
     """The per-example-gradient pattern: vmap over examples, statistics across the vmap axis.
 
     With a mask (some examples padding) flax returns NaN everywhere (a masked example's
@@ -403,7 +403,7 @@ def test_init_outside_a_mapped_context_ignores_axis_name_as_flax():
     assert_close(v1, v2, 0)
 
 
-def test_masked_out_positions_holding_nan_do_not_reach_the_statistics():
+def test_masked_out_positions_holding_nan_do_not_reach_the_statistics(stats_path):
     """flax's mask tests put NaN where the mask is off; statistics and other outputs stay finite."""
     for name in NAMES:
         x = make_x()
@@ -488,7 +488,7 @@ class Lifted(nn.Module):
 
 
 @pytest.mark.parametrize("transform", ["scan", "remat", "vmap", "vmap_synced", "jit", "map_variables"])
-def test_lifted_transforms_behave_as_with_flax(transform):
+def test_lifted_transforms_behave_as_with_flax(transform, stats_path):
     x = make_x(shape=(2, 3, 4, 4))
     models = Lifted(transform, "normzoo"), Lifted(transform, "flax")
     v = perturbed(jax.jit(models[1].init)(KEY, x))

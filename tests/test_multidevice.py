@@ -74,7 +74,7 @@ def _assert_same(got, want, rtol=1e-5, atol=1e-5):
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
-def test_pmap_equals_global_batch(name):
+def test_pmap_equals_global_batch(name, stats_path):
     x, w = _global_batch()
     variables, (y0, u0, gp0, gx0) = _reference(name, x, w)
     layer = LAYERS[name](axis_name=AXIS)
@@ -94,7 +94,7 @@ def _mesh():
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
-def test_shard_map_equals_global_batch(name):
+def test_shard_map_equals_global_batch(name, stats_path):
     x, w = _global_batch(1)
     variables, (y0, u0, gp0, gx0) = _reference(name, x, w)
     layer = LAYERS[name](axis_name=AXIS)
@@ -111,7 +111,7 @@ def test_shard_map_equals_global_batch(name):
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
-def test_jit_with_named_sharding_equals_global_batch(name):
+def test_jit_with_named_sharding_equals_global_batch(name, stats_path):
     """The modern path: no axis_name; the compiler reduces across the sharded batch."""
     x, w = _global_batch(2)
     variables, (y0, u0, gp0, gx0) = _reference(name, x, w)
@@ -134,7 +134,7 @@ def count_collectives(hlo_text):
 
 
 @pytest.mark.parametrize("name,per_call", [("batch", 1), ("batch_renorm", 1), ("ibn", 1)])
-def test_one_collective_per_synced_call_in_the_forward_pass(name, per_call):
+def test_one_collective_per_synced_call_in_the_forward_pass(name, per_call, stats_path):
     x, _ = _global_batch()
     layer = LAYERS[name](axis_name=AXIS)
     variables = layer.init(jax.random.key(0), x[:4])
@@ -153,7 +153,7 @@ def test_one_collective_per_synced_call_in_the_forward_pass(name, per_call):
     assert count_collectives(hlo2) == 2 * per_call
 
 
-def test_large_mean_across_8_devices_within_1e_2_of_float64():
+def test_large_mean_across_8_devices_within_1e_2_of_float64(stats_path):
     x, _ = _global_batch(3, (64, 8, 8, 16), loc=1e4)
     layer = normzoo.BatchNorm(use_running_average=False, axis_name=AXIS)
     v = layer.init(jax.random.key(0), x[:8])
@@ -163,7 +163,7 @@ def test_large_mean_across_8_devices_within_1e_2_of_float64():
     np.testing.assert_allclose(upd["batch_stats"]["var"][0], 0.99 + 0.01 * ref.f64(x).var((0, 1, 2)), rtol=1e-4)
 
 
-def test_masked_statistics_weight_devices_by_their_valid_counts():
+def test_masked_statistics_weight_devices_by_their_valid_counts(stats_path):
     """Union of valid elements, not the average of per-device means (flax issue 2417)."""
     x, _ = _global_batch(4, (64, 5))
     x[:, 0] += np.repeat(np.arange(D, dtype=np.float32) * 10, 8)  # device means differ a lot
@@ -186,7 +186,7 @@ def test_masked_statistics_weight_devices_by_their_valid_counts():
 
 
 @pytest.mark.parametrize("mapper", ["pmap", "shard_map"])
-def test_axis_index_groups_sync_within_each_group(mapper):
+def test_axis_index_groups_sync_within_each_group(mapper, stats_path):
     groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
     x, _ = _global_batch(5)
     layer = normzoo.BatchNorm(use_running_average=False, momentum=0.0, axis_name=AXIS, axis_index_groups=groups)
@@ -209,7 +209,7 @@ def test_axis_index_groups_sync_within_each_group(mapper):
             np.testing.assert_allclose(means[d], ref.f64(x[half]).mean((0, 1, 2)), rtol=1e-5)
 
 
-def test_ghost_batches_with_sync_keep_replicas_identical():
+def test_ghost_batches_with_sync_keep_replicas_identical(stats_path):
     x, _ = _global_batch(6)
     layer = normzoo.BatchNorm(use_running_average=False, momentum=0.0, axis_name=AXIS, virtual_batch_size=2)
     v = layer.init(jax.random.key(0), x[:4])

@@ -31,15 +31,29 @@ LAYERS = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(["normal", "large_mean", "constant_channel"]))
-@pytest.mark.parametrize("name", sorted(LAYERS))
-def test_matches_reference(name, case):
+# RMSNorm has no mean, so no statistics path: it runs once, the others on both paths.
+CENTERED = sorted(n for n in LAYERS if n != "rms")
+CASES = sorted(["normal", "large_mean", "constant_channel"])
+
+
+def _check_reference(name, case):
     layer, _, reference = LAYERS[name]
     x = make_input(case, SHAPE)
     y, _ = jax.jit(layer.init_with_output)(jax.random.key(0), x)
     tol = TOL[case] * (10 if name == "rms" and case == "large_mean" else 1)
     np.testing.assert_allclose(y, reference(x), atol=tol, rtol=1e-6)
     assert np.all(np.isfinite(y))
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("name", CENTERED)
+def test_matches_reference(name, case, stats_path):
+    _check_reference(name, case)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_rms_matches_reference(case):
+    _check_reference("rms", case)
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
@@ -64,11 +78,7 @@ def _norm_backward(x, g, axes, eps, center=True):
     return inv * (g - xhat * (g * xhat).mean(axes, keepdims=True))
 
 
-@pytest.mark.parametrize("name,axes,center", [
-    ("layer", (-1,), True), ("layer_chw", (1, 2, 3), True), ("rms", (-1,), False), ("instance", (1, 2), True),
-])
-@pytest.mark.parametrize("case", ["normal", "large_mean"])
-def test_input_gradient_matches_reference(name, axes, center, case):
+def _check_input_gradient(name, axes, center, case):
     layer = LAYERS[name][0]
     x = make_input(case, SHAPE, seed=7)
     w = np.random.default_rng(8).normal(size=SHAPE).astype(np.float32)
@@ -77,6 +87,17 @@ def test_input_gradient_matches_reference(name, axes, center, case):
     # x ~ N(1e4, 1) carries float32's rounding of 1e4 (ulp 1e-3) into every x - mean.
     atol = 5e-5 if case == "normal" else 1e-2
     np.testing.assert_allclose(gx, _norm_backward(x, w, axes, 1e-6, center), atol=atol)
+
+
+@pytest.mark.parametrize("name,axes", [("layer", (-1,)), ("layer_chw", (1, 2, 3)), ("instance", (1, 2))])
+@pytest.mark.parametrize("case", ["normal", "large_mean"])
+def test_input_gradient_matches_reference(name, axes, case, stats_path):
+    _check_input_gradient(name, axes, True, case)
+
+
+@pytest.mark.parametrize("case", ["normal", "large_mean"])
+def test_rms_input_gradient_matches_reference(case):
+    _check_input_gradient("rms", (-1,), False, case)
 
 
 def test_group_norm_gradient_matches_reference():
