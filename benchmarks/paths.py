@@ -2,7 +2,7 @@
 
     python -m benchmarks.paths                  # writes benchmarks/results/paths.{md,json}
 
-For each layer (fwd+bwd, float32): normzoo on the checked path (XLA:CPU's default: fast sums,
+For each layer (fwd+bwd as in ``benchmarks.layers``: ``jax.vjp`` with a cotangent of ones, float32): normzoo on the checked path (XLA:CPU's default: fast sums,
 checked), normzoo on the shifted path (every other platform's), flax's default (fast variance)
 and flax's stable mode (``use_fast_variance=False``). Then an ensemble of 8 BatchNorms under
 ``jax.vmap`` on both paths: under vmap the check is taken once for the whole ensemble (a
@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 import normzoo
+from benchmarks.layers import _fns
 from normzoo import _stats
 
 SHAPE = (64, 32, 32, 64)  # the shape of the measurement in the straighter-core issue
@@ -43,14 +44,9 @@ def _layers():
 
 
 def _fwd_bwd(module, x):
-    v = module.init(jax.random.key(0), x)
-    rest = {k: a for k, a in v.items() if k != "params"}
-
-    def loss(params, x):
-        y, _ = module.apply({"params": params, **rest}, x, mutable=["batch_stats"])
-        return jnp.sum(y * y)
-
-    return jax.jit(jax.grad(loss, argnums=(0, 1))), (v["params"], x)
+    """Forward and backward (``jax.vjp`` with a cotangent of ones), as ``benchmarks.layers``."""
+    params, fwd, fwd_bwd = _fns(module, x)
+    return fwd_bwd, (params, x, jnp.ones_like(fwd(params, x)))
 
 
 def _ensemble(module, x, members=8):
@@ -59,13 +55,15 @@ def _ensemble(module, x, members=8):
     v = jax.vmap(lambda k: module.init(k, x))(jax.random.split(jax.random.key(0), members))
     rest = {k: a for k, a in v.items() if k != "params"}
 
-    def loss(params, xs):
+    def fwd(params, xs):
         def one(p, r, x):
             return module.apply({"params": p, **r}, x, mutable=["batch_stats"])[0]
-        y = jax.vmap(one)(params, rest, xs)
-        return jnp.sum(y * y)
+        return jax.vmap(one)(params, rest, xs)
 
-    return jax.jit(jax.grad(loss, argnums=(0, 1))), (v["params"], xs)
+    def fwd_bwd(params, xs, dy):
+        return jax.vjp(fwd, params, xs)[1](dy)
+
+    return jax.jit(fwd_bwd), (v["params"], xs, jnp.ones_like(xs))
 
 
 def _compile(make, path):
