@@ -71,7 +71,10 @@ def forced_path(path):
     assert traced, f"the test never traced the {path} statistics path"
 
 
-@pytest.fixture(params=["checked", "shifted"])
+PATHS = ("checked", "shifted")
+
+
+@pytest.fixture(params=PATHS)
 def stats_path(request):
     """Runs a test on both statistics paths (see :func:`forced_path`)."""
     with forced_path(request.param) as path:

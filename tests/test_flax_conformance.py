@@ -21,6 +21,7 @@ import pytest
 
 import normzoo
 from tests import reference as ref
+from tests.conftest import PATHS, forced_path
 
 # name -> (normzoo class, flax class, constructor arguments of a training call)
 PAIRS = {
@@ -78,10 +79,11 @@ def perturbed(variables, seed=2):
     return jax.tree.map(lambda a: jnp.asarray(np.asarray(a) + rng.normal(0, 0.3, a.shape), a.dtype), variables)
 
 
-def run_pairs(names, x, *, ctor=None, masks=None, variables=None):
+def run_pairs(names, x, *, ctor=None, masks=None, variables=None, paths=()):
     """Each named normzoo layer and its flax counterpart on the same input and variables:
     ``{name: [(y, updated batch_stats, grads) of normzoo, the same of flax]}``. ``x`` is one
-    input for all, or a dict of one per name.
+    input for all, or a dict of one per name. With ``paths`` normzoo runs on each forced
+    statistics path (one result each, before flax's).
 
     Gradients are taken w.r.t. the parameters and the input, of sum(Re(y * w)). flax runs
     in its stable mode (``use_fast_variance=False``), like with like: normzoo's variance
@@ -110,8 +112,15 @@ def run_pairs(names, x, *, ctor=None, masks=None, variables=None):
         return out
 
     params = {n: variables[n].get("params", {}) for n in names}
-    ours, theirs = (jax.jit(functools.partial(run, which))(params, xs) for which in (0, 1))
-    return {n: [ours[n], theirs[n]] for n in names}
+    theirs = jax.jit(functools.partial(run, 1))(params, xs)
+    if not paths:
+        ours = [jax.jit(functools.partial(run, 0))(params, xs)]
+    else:  # flax once, normzoo on each statistics path
+        ours = []
+        for path in paths:
+            with forced_path(path):
+                ours.append(jax.jit(functools.partial(run, 0))(params, xs))
+    return {n: [o[n] for o in ours] + [theirs[n]] for n in names}
 
 
 def run_pair(name, x, *, ctor=None, mask=None, variables=None):
@@ -185,20 +194,21 @@ DTYPES = {  # input dtype -> (relative tolerance of outputs and statistics, of g
 
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
-def test_same_outputs_statistics_and_gradients_as_flax(dtype, masked, stats_path):
+def test_same_outputs_statistics_and_gradients_as_flax(dtype, masked):
     dt, rel, grad_rel = DTYPES[dtype]
     x = make_x(dt)
     masks = None
     if masked:  # garbage where the mask is off must not reach the statistics
         masks = {n: make_mask(n) for n in NAMES}  # BatchNorm: whole examples, as flax's test
         x = {n: jnp.where(m, x, jnp.asarray(300.0, dt)) for n, m in masks.items()}
-    for name, ((y1, s1, g1), (y2, s2, g2)) in run_pairs(NAMES, x, masks=masks).items():
-        assert y1.dtype == y2.dtype, name
-        assert jax.tree.map(lambda a: a.dtype, s1) == jax.tree.map(lambda a: a.dtype, s2), name
-        assert jax.tree.map(lambda a: a.dtype, g1) == jax.tree.map(lambda a: a.dtype, g2), name
-        assert_close(y1, y2, rel)
-        assert_close(s1, s2, 1e-6)
-        assert_close(g1, g2, grad_rel)
+    for name, (*ours, (y2, s2, g2)) in run_pairs(NAMES, x, masks=masks, paths=PATHS).items():
+        for y1, s1, g1 in ours:  # each statistics path
+            assert y1.dtype == y2.dtype, name
+            assert jax.tree.map(lambda a: a.dtype, s1) == jax.tree.map(lambda a: a.dtype, s2), name
+            assert jax.tree.map(lambda a: a.dtype, g1) == jax.tree.map(lambda a: a.dtype, g2), name
+            assert_close(y1, y2, rel)
+            assert_close(s1, s2, 1e-6)
+            assert_close(g1, g2, grad_rel)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -488,23 +498,27 @@ class Lifted(nn.Module):
 
 
 @pytest.mark.parametrize("transform", ["scan", "remat", "vmap", "vmap_synced", "jit", "map_variables"])
-def test_lifted_transforms_behave_as_with_flax(transform, stats_path):
+def test_lifted_transforms_behave_as_with_flax(transform):
     x = make_x(shape=(2, 3, 4, 4))
     models = Lifted(transform, "normzoo"), Lifted(transform, "flax")
     v = perturbed(jax.jit(models[1].init)(KEY, x))
     assert jax.tree.map(jnp.shape, jax.eval_shape(models[0].init, KEY, x)) == jax.tree.map(jnp.shape, v)
-    results = []
-    for model in models:
-        def loss(params, x, model=model):
+
+    def run(model):
+        def loss(params, x):
             y, upd = model.apply({**v, "params": params}, x, mutable=["batch_stats"])
             return jnp.sum(y * jnp.cos(x)), (y, upd)
 
-        results.append(jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(v["params"], x))
-    (_, (y1, s1)), g1 = results[0]
-    (_, (y2, s2)), g2 = results[1]
-    assert_close(y1, y2, 1e-5)
-    assert_close(s1, s2, 1e-6)
-    assert_close(g1, g2, 1e-5)
+        (_, (y, s)), g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(v["params"], x)
+        return y, s, g
+
+    y2, s2, g2 = run(models[1])
+    for path in PATHS:  # normzoo on each statistics path, flax once
+        with forced_path(path):
+            y1, s1, g1 = run(models[0])
+        assert_close(y1, y2, 1e-5)
+        assert_close(s1, s2, 1e-6)
+        assert_close(g1, g2, 1e-5)
 
 
 # ----------------------------------------------------------------------------- introspection
