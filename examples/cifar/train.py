@@ -219,9 +219,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, d
     if data is None:
         data = input_pipeline.load(config.get("data_dir") or None,
                                    expected_per_file=config.get("expected_per_file", 10000))
-    n_dev = jax.local_device_count()
+    devices = jax.local_devices()[: config.get("devices", 0) or None]  # 0: every local device
+    n_dev = len(devices)
     check_batch_size(config.batch_size, n_dev)
-    mesh = jax.make_mesh((n_dev,), ("data",), devices=jax.local_devices(),
+    mesh = jax.make_mesh((n_dev,), ("data",), devices=devices,
                          axis_types=(jax.sharding.AxisType.Auto,))
     data_sharding = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())

@@ -32,6 +32,7 @@ def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
     c.bfloat16 = False
     c.augment = "crop_flip"         # or "flip" (short runs) or "none"
     c.seed = 0
+    c.devices = 0                   # local devices to train on (data parallel); 0 = all
     c.data_dir = ""                 # '' -> $NORMZOO_DATA -> ~/.cache/normzoo (downloaded)
     c.expected_per_file = 10000     # images per batch file; the loader rejects partial data
     c.train_subset = 0              # 0 = all 50,000
