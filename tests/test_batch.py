@@ -1,5 +1,7 @@
 """BatchNorm, BatchRenorm and MeanOnlyBatchNorm against NumPy references."""
 
+import contextlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,7 @@ import pytest
 
 import normzoo
 from tests import reference as ref
+from tests.conftest import forced_path
 
 CASES = {
     "normal": lambda r, s: r.normal(size=s) * 2.0 + 0.5,
@@ -359,8 +362,9 @@ def test_affine_map_small_mean_flag_selects_the_backward_formula():
     assert shortcut > 100 * careful
 
 
-@pytest.mark.parametrize("name", ["batch", "instance", "group", "layer"])
-def test_forward_over_reverse_hessian_vector_product_matches_flax(name, stats_path):
+@pytest.mark.parametrize("name,path", [("batch", "checked"), ("batch", "shifted"), ("instance", None),
+                                       ("group", None), ("layer", None)])
+def test_forward_over_reverse_hessian_vector_product_matches_flax(name, path):
     """Forward mode works through the checked statistics (custom_jvp, lax.cond) as through flax."""
     ours, theirs = {
         "batch": (normzoo.BatchNorm(use_running_average=False), nn.BatchNorm(use_running_average=False)),
@@ -378,7 +382,8 @@ def test_forward_over_reverse_hessian_vector_product_matches_flax(name, stats_pa
         loss = lambda x: jnp.sum(jnp.tanh(layer.apply(v, x, mutable=["batch_stats"])[0]) * w)  # noqa: E731
         return jax.jvp(jax.grad(loss), (x,), (t,))[1]
 
-    np.testing.assert_allclose(hvp(ours), hvp(theirs), rtol=1e-4, atol=1e-4)
+    with forced_path(path) if path else contextlib.nullcontext():  # BatchNorm on both paths
+        np.testing.assert_allclose(hvp(ours), hvp(theirs), rtol=1e-4, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- complex inputs
