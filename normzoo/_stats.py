@@ -165,8 +165,9 @@ def statistics_path(path: str | None) -> Iterator[None]:
     """Forces the statistics path of everything traced inside: ``"checked"`` (XLA:CPU's
     checked fast sums), ``"shifted"`` (every other platform) or None (by platform).
 
-    For tests and benchmarks, which run both paths on one machine. Clear JAX's caches
-    (``jax.clear_caches()``) when switching, or functions traced earlier keep their path.
+    For tests and benchmarks, which run both paths on one machine. normzoo's own jitted
+    pieces are compiled per path; a function of yours traced under one path and called again
+    under the other keeps its first trace (trace it anew, or ``jax.clear_caches()``).
     """
     global _forced_path
     if path not in PATHS + (None,):
@@ -299,11 +300,12 @@ def local_moments(
     (count 1, M2 0). The derivative is defined analytically (``dmean = dx/n``,
     ``dM2 = 2 Re(conj(x - mean) dx)``), so the backward pass never sees which path ran.
     """
-    return _local_moments_jit(x, mask, axes, use_mean)
+    # The forced path (tests) is a static argument: compiled functions are kept per path.
+    return _local_moments_jit(x, mask, axes, use_mean, _forced_path)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
-def _local_moments(x, mask, axes, use_mean):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+def _local_moments(x, mask, axes, use_mean, path=None):
     real = _real_dtype(x.dtype)
     if mask is None:
         n = math.prod(x.shape[a] for a in axes)
@@ -349,14 +351,14 @@ def _local_moments(x, mask, axes, use_mean):
     return count, mean, m2
 
 
-_local_moments_jit = jax.jit(_local_moments, static_argnums=(2, 3))
+_local_moments_jit = jax.jit(_local_moments, static_argnums=(2, 3, 4))
 
 
 @_local_moments.defjvp
-def _local_moments_jvp(axes, use_mean, primals, tangents):
+def _local_moments_jvp(axes, use_mean, path, primals, tangents):
     x, mask = primals
     dx = tangents[0]
-    count, mean, m2 = out = _local_moments(x, mask, axes, use_mean)
+    count, mean, m2 = out = _local_moments(x, mask, axes, use_mean, path)
     centered = x - jnp.expand_dims(mean, axes) if use_mean else x
     w, wc = dx, lax.real(jnp.conj(centered) * dx) if jnp.iscomplexobj(x) else centered * dx
     if mask is not None:
@@ -622,7 +624,7 @@ class AffineMap:
         return cls(mean, mul, add, dtype, small)
 
     def __call__(self, x: Array) -> Array:
-        return _apply_map(x, self)
+        return _apply_map(x, self, _forced_path)
 
 
     def join(self, other: AffineMap, axis: int, rank: int, split: int, size: int) -> AffineMap:
@@ -662,8 +664,8 @@ def _shortcut(x, mean, mul, add):
 
 # Jitted (and so compiled once per shape when called eagerly, e.g. by `init`): eager
 # branches on data would otherwise compile anew at every call. Under a trace they inline.
-@jax.jit
-def _apply_map(x: Array, amap: AffineMap) -> Array:
+@functools.partial(jax.jit, static_argnums=2)
+def _apply_map(x: Array, amap: AffineMap, path: str | None = None) -> Array:
     x = jnp.asarray(x, jnp.promote_types(stats_dtype(x.dtype), jnp.result_type(amap.mean)))
     args = (x, amap.mean, amap.mul, amap.add)
     parts = [jnp.shape(a) for a in args[1:] if a is not None]

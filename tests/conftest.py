@@ -22,12 +22,13 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
-def lowered_branches(fn, *args) -> int:
-    """Number of data-dependent branches (``stablehlo.case``) in ``fn``'s lowered computation."""
-    return jax.jit(fn).lower(*args).as_text().count("stablehlo.case")
+def lowered_branches(fn, *args, key=None) -> int:
+    """Number of data-dependent branches (``stablehlo.case``) in ``fn``'s lowered computation;
+    ``key`` (a static argument ``fn`` ignores) keeps traces under different forced paths apart."""
+    return jax.jit(fn, static_argnums=len(args)).lower(*args, key).as_text().count("stablehlo.case")
 
 
-def _bn_step(x):
+def _bn_step(x, key=None):
     import normzoo
 
     layer = normzoo.BatchNorm(use_running_average=False)
@@ -52,22 +53,20 @@ def forced_path(path):
     from normzoo import _stats
 
     traced = []
-    choose = _stats.by_platform
+    moments = _stats.local_moments
 
-    def counting(**branches):
+    def counting(*args, **kwargs):  # every statistic passes the forced path on from here
         traced.append(path)
-        return choose(**branches)
+        return moments(*args, **kwargs)
 
-    jax.clear_caches()  # nothing traced on the other path may be reused
-    try:
-        with pytest.MonkeyPatch.context() as mp, _stats.statistics_path(path):
-            mp.setattr(_stats, "by_platform", counting)
-            branches = lowered_branches(_bn_step, jnp.ones((4, 3)))
-            assert (branches > 0) == (path == "checked"), (path, branches)
-            traced.clear()
-            yield path
-    finally:
-        jax.clear_caches()
+    # normzoo's jitted pieces take the forced path as a static argument, so nothing compiled
+    # on the other path is reused; tests trace their own functions anew.
+    with pytest.MonkeyPatch.context() as mp, _stats.statistics_path(path):
+        mp.setattr(_stats, "local_moments", counting)
+        branches = lowered_branches(_bn_step, jnp.ones((4, 3)), key=path)
+        assert (branches > 0) == (path == "checked"), (path, branches)
+        traced.clear()
+        yield path
     assert traced, f"the test never traced the {path} statistics path"
 
 
