@@ -13,7 +13,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # always the same executable. A fresh clone (CI) starts it empty.
 for _key, _value in (("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "normzoo-tests-jax-cache")),
                      ("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0"),
-                     ("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")):
+                     ("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0"),
+                     # JAX's default random-bit generator compiles slowly on XLA:CPU for kernels of
+                     # rank > 1 (measured: 0.7-2 s per uniform of a 3x3xCxC kernel, 0.3 s with
+                     # this setting), and every model's init pays it. Tests only need random
+                     # inputs, not a particular stream: the CIFAR tests ran 183 s -> 93 s.
+                     ("JAX_THREEFRY_PARTITIONABLE", "0")):
     os.environ.setdefault(_key, _value)
 
 import jax  # noqa: E402

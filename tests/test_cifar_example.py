@@ -199,12 +199,13 @@ def test_comparison_runner(names, data, fixture_dir, tmp_path):
     n if n in ("batch", "weight") else pytest.param(n, marks=pytest.mark.slow) for n in NORMS
 ])
 def test_loss_decreases_on_a_repeatable_toy_batch(norm, data, tmp_path):
-    config = tiny_config(tmp_path, norm=norm, blocks_per_stage=3, augment="none", train_subset=8, test_subset=8,
-                         num_epochs=12.0, warmup_epochs=1.0,
-                         learning_rate=0.05, weight_decay=0.0)
+    # Width 16 learns the 8 images in 20 steps with room to spare (last/first loss, seeds 0-3 and
+    # both random-bit generators: weight 0.42-0.63, batch 0.16-0.29); width 4 was a coin toss.
+    config = tiny_config(tmp_path, norm=norm, width=16, augment="none", train_subset=8, test_subset=8,
+                         num_epochs=20.0, warmup_epochs=1.0, learning_rate=0.1, weight_decay=0.0)
     h = train.train_and_evaluate(config, tmp_path / norm, data=data, progress=False)["history"]
     losses = h["train_loss"]
-    assert len(losses) == 12 and all(np.isfinite(losses))
+    assert len(losses) == 20 and all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
 
 

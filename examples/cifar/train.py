@@ -8,6 +8,7 @@ reduces the batch statistics of every normzoo layer across devices (synced BN, n
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import math
 import os
@@ -103,7 +104,8 @@ def check_batch_size(batch_size: int, n_devices: int) -> None:
 
 def create_state(config, model, tx, sample, key) -> TrainState:
     k_init, k_data = jax.random.split(key)
-    variables = model.init(k_init, sample, train=True)
+    # One compiled initialiser: eagerly, every initialiser of every shape is compiled on its own.
+    variables = jax.jit(functools.partial(model.init, train=True))(k_init, sample)
     params = variables["params"]
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params,
