@@ -193,8 +193,19 @@ DTYPES = {  # input dtype -> (relative tolerance of outputs and statistics, of g
 }
 
 
-@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
-@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def some_slow(values, fast, ids=None):
+    """``values`` as test parameters, the ones not in ``fast`` marked slow (run with ``-m slow``):
+    where cases exercise the same code, the default run keeps one of each kind."""
+    return [pytest.param(*(v if isinstance(v, tuple) else (v,)), id=None if ids is None else ids(v),
+                         marks=() if v in fast else pytest.mark.slow) for v in values]
+
+
+# Half precision: bfloat16 unmasked and float16 masked by default, the other two in the slow run.
+@pytest.mark.parametrize("dtype, masked", some_slow(
+    [(d, m) for d in sorted(DTYPES) for m in (False, True)],
+    fast={("float32", False), ("float32", True), ("bfloat16", False), ("float16", True),
+          ("complex64", False), ("complex64", True)},
+    ids=lambda v: f"{v[0]}-{'mask' if v[1] else 'nomask'}"))
 def test_same_outputs_statistics_and_gradients_as_flax(dtype, masked):
     dt, rel, grad_rel = DTYPES[dtype]
     x = make_x(dt)
@@ -316,7 +327,7 @@ def test_large_mean_is_closer_to_float64_than_flax(name, stats_path):
     assert 100 * ours < fast, (ours, fast)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", some_slow(NAMES, fast={"BatchNorm", "LayerNorm"}))  # one per family
 def test_force_float32_reductions_false_keeps_flax_dtypes_and_float32_statistics(name):
     """flax then reduces in bfloat16; normzoo keeps the variables' and output's dtypes and
     reduces in float32 anyway (documented), so it is closer to the float64 result."""
@@ -498,7 +509,9 @@ class Lifted(nn.Module):
         return {"remat": nn.remat, "jit": nn.jit}[t](Block)(lib)(x)
 
 
-@pytest.mark.parametrize("transform", ["scan", "remat", "vmap", "vmap_synced", "jit", "map_variables"])
+# jit and map_variables only wrap the computation: in the slow run.
+@pytest.mark.parametrize("transform", some_slow(["scan", "remat", "vmap", "vmap_synced", "jit", "map_variables"],
+                                                fast={"scan", "remat", "vmap", "vmap_synced"}))
 def test_lifted_transforms_behave_as_with_flax(transform):
     x = make_x(shape=(2, 3, 4, 4))
     models = Lifted(transform, "normzoo"), Lifted(transform, "flax")
@@ -551,7 +564,7 @@ def _table(model, x, **options):
     return [[c.strip() for j, c in enumerate(re.split(r"[┃│]", r)) if j in keep] for r in rows]
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", some_slow(NAMES, fast={"BatchNorm", "LayerNorm"}))  # one per family
 def test_tabulate_rows_are_flax_rows(name):
     ours_cls, flax_cls, kw = PAIRS[name]
     x = make_x(shape=(2, 6, 6, 4))

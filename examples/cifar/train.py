@@ -204,7 +204,7 @@ def save_variables(path: Path, state: TrainState) -> None:
 def load_variables(path: Path, config: ml_collections.ConfigDict) -> dict:
     """Loads saved variables for the model that ``config`` describes."""
     model = build_model(config)
-    template = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    template = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     template = {"params": template["params"], "batch_stats": template.get("batch_stats", {})}
     return serialization.from_bytes(template, Path(path).read_bytes())
 
