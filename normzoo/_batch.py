@@ -275,10 +275,12 @@ class BatchRenorm(_BatchFields):
 
     where ``sg`` stops gradients (for complex inputs ``d`` is clipped in magnitude,
     ``|d| <= d_max``). At inference the running statistics are used, as in
-    BatchNorm. Following the paper, the clipping bounds start at ``r_max = 1, d_max = 0``
-    (plain BatchNorm) and relax linearly to the configured values over ``warmup_steps``
-    training steps, counted in ``batch_stats['steps']``. With ``r_max=1, d_max=0`` this
-    layer equals :class:`BatchNorm`.
+    BatchNorm. The clipping bounds start at ``r_max = 1, d_max = 0`` (plain BatchNorm) and
+    reach the configured values after ``warmup_steps`` training steps, counted in
+    ``batch_stats['steps']``: linearly, as in the paper (``warmup_schedule="linear"``), or
+    all at once when the count reaches ``warmup_steps`` (``"step"``, CrossQ's and sbx's
+    schedule; :class:`normzoo.sbx.BatchRenorm` is their whole layer). With ``r_max=1,
+    d_max=0`` this layer equals :class:`BatchNorm`.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -295,12 +297,16 @@ class BatchRenorm(_BatchFields):
       d_max: (keyword-only) clip of ``|d|`` (>= 0).
       warmup_steps: (keyword-only) steps over which the bounds relax from (1, 0) to
         (r_max, d_max); 0 applies the targets from the first step.
+      warmup_schedule: (keyword-only) ``"linear"`` (the paper: bounds relax linearly over
+        ``warmup_steps``) or ``"step"`` (plain BatchNorm while fewer than ``warmup_steps``
+        steps were taken, then the full bounds: CrossQ / sbx).
       (all other fields): as :class:`BatchNorm`, in the same order.
     """
 
     r_max: float = dataclasses.field(default=3.0, kw_only=True)
     d_max: float = dataclasses.field(default=5.0, kw_only=True)
     warmup_steps: int = dataclasses.field(default=5000, kw_only=True)
+    warmup_schedule: str = dataclasses.field(default="linear", kw_only=True)
 
     @nn.nowrap
     def _map(self, x: Array, use_running_average: bool | None, mask: Array | None) -> AffineMap:
@@ -341,22 +347,39 @@ class BatchRenorm(_BatchFields):
             raise ValueError(
                 f"BatchRenorm: warmup_steps={self.warmup_steps!r} must be an int >= 0."
             )
+        if self.warmup_schedule not in _SCHEDULES:
+            raise ValueError(
+                f"BatchRenorm: warmup_schedule={self.warmup_schedule!r} is not one of "
+                f"{sorted(_SCHEDULES)}; use 'linear' (the paper) or 'step' (CrossQ / sbx)."
+            )
 
     @nn.nowrap
     def _correction(self, mean, inv_batch, running, steps):
         """The paper's ``r`` and ``d`` against the running statistics before this step."""
-        t = 1.0
-        if self.warmup_steps > 0:
-            t = jnp.minimum(steps.astype(jnp.float32) / self.warmup_steps, 1.0)
+        t = _SCHEDULES[self.warmup_schedule](steps, self.warmup_steps)
         r_max, d_max = 1.0 + (self.r_max - 1.0) * t, self.d_max * t
-        inv_run = lax.rsqrt(running.var.value + self.epsilon)
-        r = lax.stop_gradient(jnp.clip(inv_run / inv_batch, 1.0 / r_max, r_max))
-        d = (mean - running.mean.value) * inv_run
-        # Clipped in magnitude: clip(d, -d_max, d_max) for real d, and the same bound on |d|
-        # for complex inputs, whose d has no order.
-        size = jnp.abs(d)
-        d = jnp.where(size > d_max, d * (d_max / jnp.maximum(size, jnp.finfo(size.dtype).tiny)), d)
-        return r, lax.stop_gradient(d)
+        return renorm_correction(mean, inv_batch, running, self.epsilon, r_max, d_max)
+
+
+# The share of the way from the bounds (1, 0) to (r_max, d_max) after `steps` of `warmup`.
+_SCHEDULES = {
+    "linear": lambda steps, warmup: 1.0 if warmup == 0 else jnp.minimum(steps.astype(jnp.float32) / warmup, 1.0),
+    "step": lambda steps, warmup: (steps >= warmup).astype(jnp.float32),
+}
+
+
+def renorm_correction(mean, inv_batch, running: RunningStats, epsilon, r_max, d_max):
+    """BatchRenorm's ``(r, d)``, gradients stopped: ``r = clip(sigma_B / sigma, 1/r_max, r_max)``,
+    ``d = clip((mu_B - mu) / sigma, -d_max, d_max)`` against the running statistics ``mu,
+    sigma`` before this step (``sigma_B = 1 / inv_batch``)."""
+    inv_run = lax.rsqrt(running.var.value + epsilon)
+    r = jnp.clip(inv_run / inv_batch, 1.0 / r_max, r_max)
+    d = (mean - running.mean.value) * inv_run
+    # Clipped in magnitude: clip(d, -d_max, d_max) for real d, and the same bound on |d|
+    # for complex inputs, whose d has no order.
+    size = jnp.abs(d)
+    d = jnp.where(size > d_max, d * (d_max / jnp.maximum(size, jnp.finfo(size.dtype).tiny)), d)
+    return lax.stop_gradient(r), lax.stop_gradient(d)
 
 
 class MeanOnlyBatchNorm(_BatchFields):

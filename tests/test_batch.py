@@ -249,15 +249,18 @@ def test_renorm_matches_reference_and_r_d_carry_no_gradient(case, stats_path):
     np.testing.assert_allclose(gx, r * _bn_input_grad(x, w, (0, 1), 1e-5, 1.0), atol=5e-4 if case == "large_mean" else 2e-5)
 
 
-def test_renorm_warmup_relaxes_bounds_linearly(stats_path):
+@pytest.mark.parametrize("schedule", ["linear", "step"])
+def test_renorm_warmup_relaxes_bounds_on_schedule(schedule, stats_path):
     x = make_input("normal", (32, 2)) * 5.0  # batch std ~10: r wants to be ~10 against var=1
-    layer = normzoo.BatchRenorm(use_running_average=False, r_max=3.0, d_max=0.0, warmup_steps=4, momentum=1.0)
+    layer = normzoo.BatchRenorm(use_running_average=False, r_max=3.0, d_max=0.0, warmup_steps=4, momentum=1.0,
+                                warmup_schedule=schedule)
     v = layer.init(jax.random.key(0), x)
     sb = np.sqrt(ref.f64(x).var(0) + 1e-5)
     for step in range(6):
         v = {**v, "batch_stats": {**v["batch_stats"], "steps": jnp.array(step, jnp.int32)}}
         y, upd = layer.apply(v, x, mutable=["batch_stats"])
-        r_max = 1 + 2.0 * min(step / 4, 1.0)
+        # The paper relaxes r_max linearly from 1 to 3 over 4 steps; CrossQ / sbx switch at step 4.
+        r_max = 1 + 2.0 * (min(step / 4, 1.0) if schedule == "linear" else float(step >= 4))
         want = ref.batch_norm(x, (0,), 1e-5) * np.clip(sb / np.sqrt(1 + 1e-5), 1 / r_max, r_max)
         np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
         assert int(upd["batch_stats"]["steps"]) == step + 1

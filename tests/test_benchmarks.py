@@ -29,6 +29,15 @@ def test_layer_benchmark_on_tiny_shapes(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_rl_benchmark_actor_critic_step(tmp_path):
+    from benchmarks import rl
+
+    rl.main(["--rounds=1", "--batch=4", "--hidden=8", f"--out={tmp_path}"])
+    rows = json.loads((tmp_path / "rl.json").read_text())["rows"]
+    assert [r["step"] for r in rows] == ["critic", "actor-critic", "layer alone, 8x8 fwd+bwd"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("argv", [["--width=4", "--batch=8", "--rounds=1"]])
 def test_training_benchmark_runs(tmp_path, argv):
     training.main(argv + [f"--out={tmp_path}"])
@@ -37,3 +46,16 @@ def test_training_benchmark_runs(tmp_path, argv):
     assert result["synced"]["devices"] == 8 and result["synced"]["synced_step_ms"] > 0
     assert result["input_pipeline"]["data_images_per_s"] > 0
     assert "Synced BatchNorm on 8 simulated CPU devices" in (tmp_path / "training.md").read_text()
+
+
+def test_rl_benchmark_on_a_tiny_critic():
+    from benchmarks import rl
+
+    result = rl.run(rounds=1, batch=4, hidden=8, steps=("critic",))  # actor-critic: in the slow run
+    assert [r["step"] for r in result["rows"]] == ["critic", "layer alone, 8x8 fwd+bwd"]
+    for row in result["rows"]:
+        assert set(row) == {"step", *rl.norms()} and row["sbx-style"]["ratio"] == 1.0
+        assert all(row[n]["ms"] > 0 for n in rl.norms())
+    md = rl.to_markdown(result)
+    assert md.count("\n| ") == 4 and "256 -> 8 -> 8 -> 1, batch 4" in md
+    json.dumps(result)

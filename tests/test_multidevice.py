@@ -29,6 +29,7 @@ LAYERS = {
     "batch": lambda **kw: normzoo.BatchNorm(use_running_average=False, momentum=0.7, **kw),
     "batch_renorm": lambda **kw: normzoo.BatchRenorm(use_running_average=False, r_max=1.5, d_max=0.5, warmup_steps=0, **kw),
     "ibn": lambda **kw: normzoo.IBN(use_running_average=False, ratio=0.5, **kw),
+    "sbx_batch_renorm": lambda **kw: normzoo.sbx.BatchRenorm(use_running_average=False, warmup_steps=0, **kw),
 }
 
 
@@ -59,7 +60,7 @@ def _renorm_stats(variables, x):
     if "steps" not in variables["batch_stats"]:
         return variables
     c = x.shape[-1]
-    bs = {"mean": jnp.full(c, 0.7), "var": jnp.full(c, 6.0), "steps": jnp.array(0, jnp.int32)}
+    bs = {**variables["batch_stats"], "mean": jnp.full(c, 0.7), "var": jnp.full(c, 6.0), "steps": jnp.array(0, jnp.int32)}
     return {**variables, "batch_stats": bs}
 
 

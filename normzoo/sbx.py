@@ -1,0 +1,177 @@
+"""Drop-in for the BatchRenorm layer of sbx and CrossQ (``sbx/common/jax_layers.py``).
+
+Reinforcement-learning code that copied sbx's flax.linen ``BatchRenorm`` (CrossQ's critics, Bhatt
+et al. ICLR 2024) switches to normzoo by changing one import::
+
+    from normzoo.sbx import BatchRenorm   # was: from sbx.common.jax_layers import BatchRenorm
+
+and keeps its checkpoints and its training curves: the same fields in the same order with the
+same defaults (``epsilon=1e-3``, ``warmup_steps=100_000``), the same ``batch_stats`` (``mean``,
+``var``, ``r_max``, ``d_max``, ``steps``) and the same outputs, running statistics and gradients.
+What normzoo adds stays: the variance is always computed stably (sbx uses flax's fast
+``E[x^2] - E[x]^2``), ``mask=`` at call time, synced statistics with one collective weighted by
+each device's valid elements, and ghost batches (``virtual_batch_size``).
+
+:class:`normzoo.BatchRenorm` with ``warmup_schedule="step"`` is the same algorithm with the
+paper's placement of epsilon; this class keeps sbx's, so that curves match to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen import initializers
+from jax import lax
+
+from normzoo import _stats
+from normzoo._batch import _batch_moments, _layout, renorm_correction
+from normzoo._stats import AffineMap, RunningStats
+
+Array = jax.Array
+Initializer = Any
+
+__all__ = ["BatchRenorm"]
+
+
+class BatchRenorm(nn.Module):
+    r"""Batch renormalization as sbx and CrossQ compute it; drop-in for ``sbx.common.jax_layers.BatchRenorm``.
+
+    While fewer than ``warmup_steps`` training steps have been taken (``batch_stats['steps']``)
+    this is BatchNorm over the batch. From then on, with batch statistics ``\mu_B, \sigma_B^2``,
+    running statistics ``\mu, \sigma^2`` and the bounds stored in ``batch_stats``:
+
+    .. math::
+        r = \mathrm{sg}\Big(\mathrm{clip}\big(\sqrt{\tfrac{\sigma_B^2 + \epsilon}{\sigma^2 + \epsilon}},
+        \tfrac{1}{r_{max}}, r_{max}\big)\Big),\quad
+        d = \mathrm{sg}\Big(\mathrm{clip}\big(\tfrac{\mu_B - \mu}{\sqrt{\sigma^2 + \epsilon}},
+        -d_{max}, d_{max}\big)\Big)
+
+    .. math::
+        y = \gamma\, \frac{x - \mu_B + d\, \sigma_B / r}{\sqrt{\sigma_B^2 / r^2 + \epsilon}} + \beta
+
+    (sbx's form: BatchNorm applied to the mean ``\mu_B - d \sigma_B / r`` and variance
+    ``\sigma_B^2 / r^2``; as ``\epsilon \to 0`` it is the paper's ``(x - \mu_B) r / \sigma_B + d``).
+    ``sg`` stops gradients. The running statistics move toward the batch's as in BatchNorm.
+    At inference (``use_running_average``) ``y = \gamma (x - \mu) / \sqrt{\sigma^2 + \epsilon} + \beta``.
+    Where a feature is constant (``\sigma_B = 0``) the gradient through ``\sigma_B`` is zero, not
+    NaN.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from normzoo.sbx import BatchRenorm
+      >>> x = jax.random.normal(jax.random.key(0), (256, 32))
+      >>> layer = BatchRenorm(use_running_average=False, warmup_steps=2)
+      >>> variables = layer.init(jax.random.key(1), x)
+      >>> sorted(variables['batch_stats'])
+      ['d_max', 'mean', 'r_max', 'steps', 'var']
+      >>> y, upd = layer.apply(variables, x, mutable=['batch_stats'])
+      >>> int(upd['batch_stats']['steps'])
+      1
+
+    Attributes:
+      use_running_average: if True, normalize with the running statistics.
+      axis: the feature axis (or axes).
+      momentum: ``running = momentum * running + (1 - momentum) * batch``.
+      epsilon: added to the variances (sbx's default 1e-3).
+      warmup_steps: training steps of plain BatchNorm before renormalization starts
+        (sbx's default 100,000; ``warm_up_steps`` in sbx's first release and CrossQ's code,
+        also accepted as a keyword).
+      dtype, param_dtype, use_bias, use_scale, bias_init, scale_init: as flax.linen.BatchNorm.
+      axis_name, axis_index_groups: synchronize the statistics across devices (one
+        collective per call, every device weighted by its number of valid elements).
+      use_fast_variance: accepted for sbx's older releases; the variance is always computed
+        stably (a shifted second moment), which equals the fast one where that one is accurate.
+      warm_up_steps: (keyword-only) the older name of ``warmup_steps``; give one of them.
+      virtual_batch_size: (keyword-only) ghost batches, as :class:`normzoo.BatchNorm`.
+    """
+
+    use_running_average: bool | None = None
+    axis: int | tuple[int, ...] = -1
+    momentum: float = 0.99
+    epsilon: float = 1e-3
+    warmup_steps: int = 100_000
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    warm_up_steps: int | None = dataclasses.field(default=None, kw_only=True)
+    virtual_batch_size: int | None = dataclasses.field(default=None, kw_only=True)
+
+    @nn.compact
+    def __call__(
+        self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
+    ) -> Array:
+        """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that enter
+        the statistics. Returns an array of x's shape."""
+        return self._map(x, use_running_average, mask)(x)
+
+    @nn.compact
+    def affine_map(
+        self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
+    ) -> AffineMap:
+        """The map ``y = (x - mean) * mul + add`` that ``__call__`` applies (see
+        :meth:`normzoo.BatchNorm.affine_map`)."""
+        return self._map(x, use_running_average, mask)
+
+    @nn.nowrap
+    def _map(self, x: Array, use_running_average: bool | None, mask: Array | None) -> AffineMap:
+        use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        warmup = self._warmup()
+        layout = _layout(self, x)
+        running = RunningStats.create(self, layout.shape, momentum=self.momentum, dtype=jnp.float32)
+        r_max = self.variable("batch_stats", "r_max", lambda: 3)
+        d_max = self.variable("batch_stats", "d_max", lambda: 5)
+        steps = self.variable("batch_stats", "steps", lambda: 0)
+        scale, bias = _stats.affine_params(
+            self, layout.shape, layout.view, use_scale=self.use_scale, use_bias=self.use_bias,
+            scale_init=self.scale_init, bias_init=self.bias_init, param_dtype=self.param_dtype,
+            force_float32_reductions=True,
+        )
+        if use_ra:
+            mean, inv, offset = running.mean.value, lax.rsqrt(running.var.value + self.epsilon), None
+        else:
+            (mean, var), batch = _batch_moments(self, x, layout, mask)
+            on = 0.0 if self.is_initializing() else (jnp.asarray(steps.value) >= warmup).astype(jnp.float32)
+            # Before the warm-up ends the bounds are (1, 0): r = 1, d = 0, plain BatchNorm.
+            r, d = renorm_correction(
+                mean, lax.rsqrt(var + self.epsilon), running, self.epsilon,
+                1.0 + (r_max.value - 1.0) * on, d_max.value * on,
+            )
+            inv = lax.rsqrt(var / r**2 + self.epsilon)
+            offset = d * _sqrt(var) / r * inv
+            running.update(self, batch, _stats.nominal_dtype(x.dtype, self.dtype, True))
+            if not self.is_initializing():
+                steps.value = steps.value + 1
+        return AffineMap.normalizing(
+            x, layout.expand(mean), layout.expand(inv), scale=scale, bias=bias,
+            offset=None if offset is None else layout.expand(offset), dtype=self.dtype,
+        )
+
+    @nn.nowrap
+    def _warmup(self) -> int:
+        if self.warm_up_steps is not None and self.warmup_steps != 100_000:
+            raise ValueError(
+                f"BatchRenorm: warmup_steps={self.warmup_steps!r} and warm_up_steps="
+                f"{self.warm_up_steps!r} were both given; they are the same field (its name "
+                "before and after sbx renamed it): give one."
+            )
+        warmup = self.warmup_steps if self.warm_up_steps is None else self.warm_up_steps
+        if not isinstance(warmup, numbers.Integral) or warmup < 0:
+            raise ValueError(f"BatchRenorm: warmup_steps={warmup!r} must be an int >= 0.")
+        return warmup
+
+
+def _sqrt(v: Array) -> Array:
+    """``sqrt(v)`` whose derivative at ``v = 0`` is 0 instead of infinite."""
+    positive = v > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, v, 1.0)), 0.0)
