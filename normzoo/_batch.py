@@ -118,25 +118,9 @@ def _average_where(valid: Array, mean: Array, var: Array):
     return avg(mean), avg(var), n
 
 
-class _BatchFields(nn.Module):
-    """flax.linen.BatchNorm's fields in flax's order with flax's defaults, then ours
-    (keyword-only), and the one ``__call__`` of the family: apply :meth:`affine_map`."""
-
-    use_running_average: bool | None = None
-    axis: int | tuple[int, ...] = -1
-    momentum: float = 0.99
-    epsilon: float = 1e-5
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    use_bias: bool = True
-    use_scale: bool = True
-    bias_init: Initializer = initializers.zeros
-    scale_init: Initializer = initializers.ones
-    axis_name: str | None = None
-    axis_index_groups: Any = None
-    use_fast_variance: bool = True
-    force_float32_reductions: bool = True
-    virtual_batch_size: int | None = dataclasses.field(default=None, kw_only=True)
+class _Mapped(nn.Module):
+    """The two public methods of every batch-statistics layer, both applying the layer's
+    nowrap ``_map(x, use_running_average, mask) -> AffineMap``."""
 
     @nn.compact
     def __call__(
@@ -168,6 +152,27 @@ class _BatchFields(nn.Module):
         Layers built from this one (IBN) join maps and apply them in one pass.
         """
         return self._map(x, use_running_average, mask)
+
+
+class _BatchFields(_Mapped):
+    """flax.linen.BatchNorm's fields in flax's order with flax's defaults, then ours
+    (keyword-only); ``__call__`` and ``affine_map`` from :class:`_Mapped`."""
+
+    use_running_average: bool | None = None
+    axis: int | tuple[int, ...] = -1
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+    virtual_batch_size: int | None = dataclasses.field(default=None, kw_only=True)
 
     @nn.nowrap
     def _nominal_dtype(self, x: Array) -> Any:

@@ -29,7 +29,7 @@ from flax.linen import initializers
 from jax import lax
 
 from normzoo import _stats
-from normzoo._batch import _batch_moments, _layout, renorm_correction
+from normzoo._batch import _batch_moments, _layout, _Mapped, renorm_correction
 from normzoo._stats import AffineMap, RunningStats
 
 Array = jax.Array
@@ -38,7 +38,7 @@ Initializer = Any
 __all__ = ["BatchRenorm"]
 
 
-class BatchRenorm(nn.Module):
+class BatchRenorm(_Mapped):
     r"""Batch renormalization as sbx and CrossQ compute it; drop-in for ``sbx.common.jax_layers.BatchRenorm``.
 
     While fewer than ``warmup_steps`` training steps have been taken (``batch_stats['steps']``)
@@ -106,22 +106,6 @@ class BatchRenorm(nn.Module):
     use_fast_variance: bool = True
     warm_up_steps: int | None = dataclasses.field(default=None, kw_only=True)
     virtual_batch_size: int | None = dataclasses.field(default=None, kw_only=True)
-
-    @nn.compact
-    def __call__(
-        self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
-    ) -> Array:
-        """Normalizes ``x``; ``mask`` (broadcastable to ``x``) selects the elements that enter
-        the statistics. Returns an array of x's shape."""
-        return self._map(x, use_running_average, mask)(x)
-
-    @nn.compact
-    def affine_map(
-        self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None
-    ) -> AffineMap:
-        """The map ``y = (x - mean) * mul + add`` that ``__call__`` applies (see
-        :meth:`normzoo.BatchNorm.affine_map`)."""
-        return self._map(x, use_running_average, mask)
 
     @nn.nowrap
     def _map(self, x: Array, use_running_average: bool | None, mask: Array | None) -> AffineMap:
