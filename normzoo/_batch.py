@@ -360,8 +360,9 @@ class BatchRenorm(_BatchFields):
 
     @nn.nowrap
     def _correction(self, mean, inv_batch, running, steps):
-        """The paper's ``r`` and ``d`` against the running statistics before this step."""
-        t = _SCHEDULES[self.warmup_schedule](steps, self.warmup_steps)
+        """The paper's ``r`` and ``d`` against the running statistics before this step
+        (none under ``init``, which has no running statistics yet: plain BatchNorm there)."""
+        t = 0.0 if self.is_initializing() else _SCHEDULES[self.warmup_schedule](steps, self.warmup_steps)
         r_max, d_max = 1.0 + (self.r_max - 1.0) * t, self.d_max * t
         return renorm_correction(mean, inv_batch, running, self.epsilon, r_max, d_max)
 

@@ -86,7 +86,8 @@ class BatchRenorm(_Mapped):
         collective per call, every device weighted by its number of valid elements).
       use_fast_variance: accepted for sbx's older releases; the variance is always computed
         stably (a shifted second moment), which equals the fast one where that one is accurate.
-      warm_up_steps: (keyword-only) the older name of ``warmup_steps``; give one of them.
+      warm_up_steps: (keyword-only) the older name of ``warmup_steps``; give one of them
+        (given together with a ``warmup_steps`` other than the default, it is an error).
       virtual_batch_size: (keyword-only) ghost batches, as :class:`normzoo.BatchNorm`.
     """
 
@@ -150,8 +151,9 @@ class BatchRenorm(_Mapped):
                 "before and after sbx renamed it): give one."
             )
         warmup = self.warmup_steps if self.warm_up_steps is None else self.warm_up_steps
-        if not isinstance(warmup, numbers.Integral) or warmup < 0:
-            raise ValueError(f"BatchRenorm: warmup_steps={warmup!r} must be an int >= 0.")
+        # sbx compares the step count with whatever number it is given (1e5 from a config too).
+        if isinstance(warmup, bool) or not isinstance(warmup, numbers.Real) or not warmup >= 0:
+            raise ValueError(f"BatchRenorm: warmup_steps={warmup!r} must be a number >= 0.")
         return warmup
 
 

@@ -39,7 +39,7 @@ def init(layer, x=X4, **kw):
     (normzoo.BatchRenorm(warmup_schedule="cosine"), {"use_running_average": False}, ValueError,
      r"BatchRenorm: warmup_schedule='cosine' is not one of \['linear', 'step'\]; use 'linear' \(the paper\) or 'step' \(CrossQ / sbx\)"),
     (normzoo.sbx.BatchRenorm(warmup_steps=-1), {"use_running_average": False}, ValueError,
-     r"BatchRenorm: warmup_steps=-1 must be an int >= 0"),
+     r"BatchRenorm: warmup_steps=-1 must be a number >= 0"),
     (normzoo.sbx.BatchRenorm(warmup_steps=10, warm_up_steps=10), {"use_running_average": False}, ValueError,
      r"BatchRenorm: warmup_steps=10 and warm_up_steps=10 were both given; they are the same field .*: give one"),
     (normzoo.IBN(ratio=1.5), {"use_running_average": False}, ValueError,

@@ -134,7 +134,7 @@ def count_collectives(hlo_text):
     return len(COLLECTIVE.findall(hlo_text))
 
 
-@pytest.mark.parametrize("name,per_call", [("batch", 1), ("batch_renorm", 1), ("ibn", 1)])
+@pytest.mark.parametrize("name,per_call", [("batch", 1), ("batch_renorm", 1), ("ibn", 1), ("sbx_batch_renorm", 1)])
 def test_one_collective_per_synced_call_in_the_forward_pass(name, per_call, stats_path):
     x, _ = _global_batch()
     layer = LAYERS[name](axis_name=AXIS)

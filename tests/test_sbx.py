@@ -134,3 +134,27 @@ def test_ghost_batches_are_separate_statistics():
     for half in (slice(0, 8), slice(8, 16)):
         y_half, _ = BatchRenorm(use_running_average=False, warmup_steps=0).apply(v, x[half], mutable=["batch_stats"])
         np.testing.assert_allclose(y[half], y_half, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "step"])
+def test_init_output_is_batch_norm_as_in_sbx(schedule):
+    # Under init there are no running statistics yet: no r or d, whatever the schedule (sbx: the same).
+    x = next(drifting_batches(1, (32, 8))) * 4.0 + 3.0
+    bn = normzoo.BatchNorm(use_running_average=False, epsilon=1e-3).init_with_output(jax.random.key(0), x)[0]
+    ours = normzoo.BatchRenorm(use_running_average=False, epsilon=1e-3, warmup_steps=0, warmup_schedule=schedule)
+    np.testing.assert_allclose(ours.init_with_output(jax.random.key(0), x)[0], bn, rtol=1e-6, atol=1e-6)
+    sbx = BatchRenorm(use_running_average=False, warmup_steps=0).init_with_output(jax.random.key(0), x)[0]
+    np.testing.assert_allclose(sbx, SbxStyle(warmup_steps=0).init_with_output(jax.random.key(0), x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_warmup_steps_from_a_config_file_may_be_a_float():
+    x = next(drifting_batches(1, (16, 4)))
+    v = BatchRenorm(use_running_average=False).init(jax.random.key(0), x)
+    v = {**v, "batch_stats": {**v["batch_stats"], "steps": 2, "mean": jnp.full(4, 9.0)}}
+    for warmup, renormalized in ((2.0, True), (2e5, False)):
+        y = BatchRenorm(use_running_average=False, warmup_steps=warmup).apply(v, x, mutable=["batch_stats"])[0]
+        z = SbxStyle(warmup_steps=int(warmup)).apply(v, x, mutable=["batch_stats"])[0]
+        np.testing.assert_allclose(y, z, rtol=1e-5, atol=1e-5)
+        assert renormalized == (not np.allclose(y, normzoo.BatchNorm(use_running_average=False, epsilon=1e-3).apply(
+            {"params": v["params"], "batch_stats": {"mean": v["batch_stats"]["mean"], "var": v["batch_stats"]["var"]}},
+            x, mutable=["batch_stats"])[0], atol=1e-3))

@@ -42,7 +42,7 @@ def make_norm(name: str, warmup_steps: int, momentum: float = 0.99):
     if name == "none":
         return None
     if name == "batch":
-        return lambda ra: normzoo.BatchNorm(use_running_average=ra, momentum=momentum)
+        return lambda ra: normzoo.BatchNorm(use_running_average=ra, momentum=momentum, epsilon=1e-3)  # as renorm
     if name == "batch_renorm":
         return lambda ra: normzoo.sbx.BatchRenorm(use_running_average=ra, momentum=momentum, warmup_steps=warmup_steps)
     raise ValueError(f"norm={name!r} is not one of {NORMS}")
