@@ -55,8 +55,10 @@ def test_rl_benchmark_on_a_tiny_critic():
     assert [r["step"] for r in result["rows"]] == ["critic", "layer alone, 8x8 fwd+bwd"]
     for row in result["rows"]:
         assert set(row) == {"step", *rl.norms()}
-        for n in rl.norms():  # one round: each ratio is that round's time over the sbx-style layer's
-            assert row[n]["ms"] > 0 and row[n]["ratio"] == pytest.approx(row[n]["ms"] / row["sbx-style"]["ms"], rel=1e-9)
+        for n in rl.norms():  # one round (the update rows): each ratio is that round's time over the sbx-style layer's
+            assert row[n]["ms"] > 0
+            if row["step"] == "critic":
+                assert row[n]["ratio"] == pytest.approx(row[n]["ms"] / row["sbx-style"]["ms"], rel=1e-9)
     md = rl.to_markdown(result)
     assert md.count("\n| ") == 4 and "256 -> 8 -> 8 -> 1, batch 4" in md
     json.dumps(result)
