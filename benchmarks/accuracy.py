@@ -10,15 +10,13 @@ The reference sees exactly the float32 values the layers see, cast to float64.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import normzoo
+from benchmarks import save
 
 
 def _inputs(shape, seed=0):
@@ -90,11 +88,7 @@ def to_markdown(result: dict) -> str:
 
 def main() -> None:
     result = run()
-    out = Path("benchmarks/results")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "accuracy.json").write_text(json.dumps(result, indent=1))
-    (out / "accuracy.md").write_text(to_markdown(result))
-    print(to_markdown(result))
+    print(save(result, "benchmarks/results", "accuracy", to_markdown))
 
 
 if __name__ == "__main__":

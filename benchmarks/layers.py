@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import platform
 import statistics
 import time
@@ -37,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 import normzoo
+from benchmarks import save
 
 
 @dataclass
@@ -232,12 +232,9 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="benchmarks/results", help="folder for layers.json and layers.md")
     args = p.parse_args(argv)
     result = run(full=args.full, rounds=args.rounds, only=args.only)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     tag = "layers_full" if args.full else "layers"
-    (out / f"{tag}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{tag}.md").write_text(to_markdown(result))
-    print(f"written to {out / tag}.{{json,md}}")
+    save(result, args.out, tag, to_markdown)
+    print(f"written to {Path(args.out) / tag}.{{json,md}}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ the per-round ratios to flax's default.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 import normzoo
+from benchmarks import save
 from benchmarks.layers import _fns
 from normzoo import _stats
 
@@ -141,11 +141,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     a = p.parse_args(argv)
     result = run(rounds=a.rounds)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "paths.json").write_text(json.dumps(result, indent=1))
-    (out / "paths.md").write_text(to_markdown(result))
-    print(to_markdown(result))
+    print(save(result, a.out, "paths", to_markdown))
 
 
 if __name__ == "__main__":

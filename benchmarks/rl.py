@@ -26,7 +26,6 @@ per-round ratios to the sbx-style layer.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import flax.linen as nn
@@ -34,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 import normzoo
+from benchmarks import save
 from benchmarks.paths import _compile, _fwd_bwd, race
 from benchmarks.sbx_style import SbxStyle
 
@@ -156,11 +156,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     a = p.parse_args(argv)
     result = run(a.rounds, a.batch, a.hidden)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "rl.json").write_text(json.dumps(result, indent=1))
-    (out / "rl.md").write_text(to_markdown(result))
-    print(to_markdown(result))
+    print(save(result, a.out, "rl", to_markdown))
 
 
 if __name__ == "__main__":

@@ -25,13 +25,13 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import optax
 
 import normzoo
+from benchmarks import save
 from examples.cifar.models import ResNet20
 
 
@@ -158,12 +158,7 @@ def main(argv=None) -> None:
         "input_pipeline": data,
         "synced": synced,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = "training_full" if args.full else "training"
-    (out / f"{tag}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{tag}.md").write_text(to_markdown(result))
-    print(to_markdown(result))
+    print(save(result, args.out, "training_full" if args.full else "training", to_markdown))
 
 
 def to_markdown(result: dict) -> str:
