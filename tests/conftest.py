@@ -27,6 +27,13 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
+def some_slow(values, fast, ids=None):
+    """``values`` as test parameters, the ones not in ``fast`` marked slow (run with ``-m slow``):
+    where cases exercise the same code, the default run keeps one of each kind."""
+    return [pytest.param(*(v if isinstance(v, tuple) else (v,)), id=None if ids is None else ids(v),
+                         marks=() if v in fast else pytest.mark.slow) for v in values]
+
+
 def lowered_branches(fn, *args, key=None) -> int:
     """Number of data-dependent branches (``stablehlo.case``) in ``fn``'s lowered computation;
     ``key`` (a static argument ``fn`` ignores) keeps traces under different forced paths apart."""

@@ -15,6 +15,7 @@ import pytest
 
 from examples.cifar import compare, input_pipeline, train
 from examples.cifar.configs.default import NORMS, get_config
+from tests.conftest import some_slow
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -198,11 +199,9 @@ def test_comparison_runner(names, data, fixture_dir, tmp_path):
     assert got["params"] == sum(a.size for a in jax.tree.leaves(variables["params"]))
 
 
-@pytest.mark.parametrize("norm", [
-    # A batch-statistics layer and one that changes the linear layers; the rest are slow (every
-    # name's gradients are checked in a model by test_conformance.py).
-    n if n in ("batch", "weight") else pytest.param(n, marks=pytest.mark.slow) for n in NORMS
-])
+# A batch-statistics layer and one that changes the linear layers; the rest are slow (every
+# name's gradients are checked in a model by test_conformance.py).
+@pytest.mark.parametrize("norm", some_slow(NORMS, fast={"batch", "weight"}))
 def test_loss_decreases_on_a_repeatable_toy_batch(norm, data, tmp_path):
     # Width 16 learns the 8 images in 20 steps with room to spare (last/first loss, seeds 0-3 and
     # both random-bit generators: weight 0.42-0.63, batch 0.16-0.29); width 4 was a coin toss.

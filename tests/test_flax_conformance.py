@@ -22,7 +22,7 @@ import pytest
 
 import normzoo
 from tests import reference as ref
-from tests.conftest import PATHS, forced_path
+from tests.conftest import PATHS, forced_path, some_slow
 
 # name -> (normzoo class, flax class, constructor arguments of a training call)
 PAIRS = {
@@ -191,13 +191,6 @@ DTYPES = {  # input dtype -> (relative tolerance of outputs and statistics, of g
     "float16": (jnp.float16, 1e-5, 2e-3),
     "complex64": (jnp.complex64, 1e-5, 1e-5),
 }
-
-
-def some_slow(values, fast, ids=None):
-    """``values`` as test parameters, the ones not in ``fast`` marked slow (run with ``-m slow``):
-    where cases exercise the same code, the default run keeps one of each kind."""
-    return [pytest.param(*(v if isinstance(v, tuple) else (v,)), id=None if ids is None else ids(v),
-                         marks=() if v in fast else pytest.mark.slow) for v in values]
 
 
 # Half precision: bfloat16 unmasked and float16 masked by default, the other two in the slow run.
