@@ -20,7 +20,11 @@ the CPU uses (checked) and, for the first, the shifted path of other platforms; 
 (``benchmarks/sbx_style.py``: their formula, flax's fast variance) and flax's ``nn.BatchNorm``.
 BatchRenorm is past its warm-up (r and d active). All variants are compiled and warmed up, then
 timed round-robin with ``block_until_ready``; the table gives medians and the median of the
-per-round ratios to the sbx-style layer.
+per-round ratios to the sbx-style layer. glibc's malloc thresholds are fixed first
+(:func:`benchmarks.steady_allocator`; ``--default-allocator`` leaves them): with its moving
+defaults, which variant of a shared-process race lands on fresh page-faulting memory depends on
+the others, and that, not the arithmetic, made normzoo's critic step 1.03-1.09x the sbx-style
+one (each measured in a process of its own, they were equal).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 import normzoo
-from benchmarks import save
+from benchmarks import save, steady_allocator
 from benchmarks.paths import _compile, _fwd_bwd, race
 from benchmarks.sbx_style import SbxStyle
 
@@ -141,7 +145,8 @@ def to_markdown(r: dict) -> str:
     names = list(norms())
     lines = [f"CrossQ critic {OBS + ACT} -> {r['hidden']} -> {r['hidden']} -> 1, batch {r['batch']} "
              f"(joint forward of 2 x {r['batch']} rows), one jitted SGD step, median of {r['rounds']} "
-             f"round-robin rounds on {r['device']}, jax {r['jax']}; ms (ratio to the sbx-style layer)", "",
+             f"round-robin rounds on {r['device']}, jax {r['jax']}, {r.get('allocator', 'glibc default')}; "
+             "ms (ratio to the sbx-style layer)", "",
              "| step | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
     for row in r["rows"]:
         lines.append(f"| {row['step']} | " + " | ".join(f"{row[n]['ms']:.2f} ({row[n]['ratio']:.2f})" for n in names) + " |")
@@ -154,8 +159,11 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=BATCH)
     p.add_argument("--hidden", type=int, default=HIDDEN)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--default-allocator", action="store_true",
+                   help="leave glibc's moving malloc thresholds as they are (see steady_allocator)")
     a = p.parse_args(argv)
-    result = run(a.rounds, a.batch, a.hidden)
+    allocator = "glibc default" if a.default_allocator or not steady_allocator() else "fixed malloc thresholds"
+    result = {**run(a.rounds, a.batch, a.hidden), "allocator": allocator}
     print(save(result, a.out, "rl", to_markdown))
 
 

@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end on tiny shapes (no timing is asserted)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -32,9 +33,40 @@ def test_layer_benchmark_on_tiny_shapes(tmp_path, monkeypatch):
 def test_rl_benchmark_actor_critic_step(tmp_path):
     from benchmarks import rl
 
-    rl.main(["--rounds=1", "--batch=4", "--hidden=8", f"--out={tmp_path}"])
+    rl.main(["--rounds=1", "--batch=4", "--hidden=8", f"--out={tmp_path}", "--default-allocator"])
     rows = json.loads((tmp_path / "rl.json").read_text())["rows"]
     assert [r["step"] for r in rows] == ["critic", "actor-critic", "layer alone, 8x8 fwd+bwd"]
+    assert ", glibc default; ms" in (tmp_path / "rl.md").read_text()
+
+
+_MMAPPED_BYTES_OF_A_16_MIB_BLOCK = """
+import ctypes, ctypes.util, sys
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype, libc.mallinfo2.restype = ctypes.c_void_p, MallInfo2
+if sys.argv[1] == "steady":
+    from benchmarks import steady_allocator
+    assert steady_allocator()
+before = libc.mallinfo2().hblkhd
+block = libc.malloc(16 << 20)
+print(libc.mallinfo2().hblkhd - before)
+"""
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="steady_allocator tunes glibc's malloc")
+def test_steady_allocator_keeps_large_blocks_off_mmap():
+    import subprocess
+    import sys
+
+    def mmapped(mode):
+        out = subprocess.run([sys.executable, "-c", _MMAPPED_BYTES_OF_A_16_MIB_BLOCK, mode], check=True,
+                             capture_output=True, text=True, cwd=Path(__file__).parents[1])
+        return int(out.stdout)
+
+    assert mmapped("default") >= 16 << 20  # mapped bytes added by the block; glibc's default: a fresh mapping, page faults on first touch
+    assert mmapped("steady") == 0  # from the heap, which is reused and not trimmed
 
 
 @pytest.mark.slow
