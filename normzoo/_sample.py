@@ -103,11 +103,15 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
         """Normalizes ``x``; ``mask`` (boolean, broadcastable) selects what enters the statistics."""
+        return self._map(x, mask)(x)
+
+    @nn.nowrap
+    def _map(self, x: Array, mask: Array | None) -> AffineMap:
         reduction_axes = _axes(self, x, "reduction_axes")
         mean, var = _moments(self, x, reduction_axes, mask)
         return _normalizing_map(
             self, x, mean, var, reduction_axes, _axes(self, x, "feature_axes"), use_bias=self.use_bias
-        )(x)
+        )
 
 
 class RMSNorm(nn.Module):
@@ -147,11 +151,15 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
         """Normalizes ``x`` by its root mean square over ``reduction_axes``."""
+        return self._map(x, mask)(x)
+
+    @nn.nowrap
+    def _map(self, x: Array, mask: Array | None) -> AffineMap:
         reduction_axes = _axes(self, x, "reduction_axes")
         mean, var = _moments(self, x, reduction_axes, mask, use_mean=False)
         return _normalizing_map(
             self, x, mean, var, reduction_axes, _axes(self, x, "feature_axes"), use_bias=self.use_bias
-        )(x)
+        )
 
 
 class GroupNorm(nn.Module):
@@ -203,6 +211,10 @@ class GroupNorm(nn.Module):
     @nn.compact
     def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
         """Normalizes ``x`` per example and channel group."""
+        return self._map(x, mask)(x)
+
+    @nn.nowrap
+    def _map(self, x: Array, mask: Array | None) -> AffineMap:
         layer = type(self).__name__
         red = self.reduction_axes
         if red is None:  # flax's default: every axis but the first, and the channels
@@ -250,7 +262,7 @@ class GroupNorm(nn.Module):
         return _normalizing_map(
             self, x, per_channel(gmean), per_channel(gm2 / jnp.maximum(count, 1)), spatial,
             (x.ndim - 1,), use_bias=self.use_bias,
-        )(x)
+        )
 
 
 class InstanceNorm(nn.Module):

@@ -1,0 +1,265 @@
+"""normzoo.nnx against flax.nnx (side by side, driven by the installed flax), against the linen
+layers on the same variables (the same code must give the same numbers), and NumPy."""
+
+import inspect
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import normzoo
+from normzoo import nnx as nznnx
+from tests import reference as ref
+
+# (name, constructor keywords shared by both, input shape); flax.nnx has each of these layers.
+PAIRS = {
+    "BatchNorm": ({}, (16, 5)),
+    "LayerNorm": ({}, (4, 7, 5)),
+    "GroupNorm": ({"num_groups": 5}, (3, 4, 4, 5)),
+    "RMSNorm": ({}, (4, 7, 5)),
+    "InstanceNorm": ({}, (3, 4, 4, 5)),
+}
+NORMZOO_ONLY_ARGUMENTS = {
+    "BatchNorm": ["virtual_batch_size"],
+    "LayerNorm": [],
+    "GroupNorm": [],
+    "RMSNorm": ["use_bias", "bias_init", "bias_metadata"],
+    "InstanceNorm": ["track_running_stats", "use_running_average", "momentum"],
+}
+
+
+def _data(shape, seed=0, loc=0.5, scale=2.0):
+    r = np.random.default_rng(seed)
+    return jnp.asarray(r.normal(loc, scale, shape), jnp.float32)
+
+
+def _same_init(a, b):
+    if a is b:
+        return True
+    key = jax.random.key(3)
+    return np.array_equal(a(key, (4,), jnp.float32), b(key, (4,), jnp.float32))
+
+
+@pytest.mark.parametrize("name", PAIRS)
+def test_constructor_is_flax_nnx_constructor_then_normzoo_keywords(name):
+    theirs = list(inspect.signature(getattr(nnx, name).__init__).parameters.values())
+    ours = list(inspect.signature(getattr(nznnx, name).__init__).parameters.values())
+    assert [p.name for p in ours[: len(theirs)]] == [p.name for p in theirs]
+    for a, b in zip(ours, theirs):
+        assert a.kind == b.kind, a.name
+        if callable(b.default) and b.default is not inspect.Parameter.empty and a.name.endswith("init"):
+            assert _same_init(a.default, b.default), a.name
+        else:
+            assert a.default == b.default or a.default is b.default, (a.name, a.default, b.default)
+    extra = ours[len(theirs):]
+    assert [p.name for p in extra] == NORMZOO_ONLY_ARGUMENTS[name]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in extra)
+
+
+def _state_layout(module):
+    return jax.tree.map(lambda v: (type(v).__name__, v.shape, v.dtype), nnx.state(module),
+                        is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+@pytest.mark.parametrize("name", PAIRS)
+@pytest.mark.parametrize("options", [{}, {"use_bias": False, "param_dtype": jnp.bfloat16},
+                                     {"use_scale": False, "scale_init": nn.initializers.normal(1.0),
+                                      "bias_init": nn.initializers.normal(1.0)}],
+                         ids=["default", "no_bias_bf16", "no_scale_random_init"])
+def test_variables_are_flax_nnx_variables_and_load_both_ways(name, options):
+    kw, shape = PAIRS[name]
+    if name == "RMSNorm":
+        options = {k: v for k, v in options.items() if k not in ("use_bias", "bias_init")}
+    theirs = getattr(nnx, name)(shape[-1], **kw, **options, rngs=nnx.Rngs(7))
+    ours = getattr(nznnx, name)(shape[-1], **kw, **options, rngs=nnx.Rngs(7))
+    assert _state_layout(ours) == _state_layout(theirs)
+    # The same keys in the same order: even random initializers give flax.nnx's values.
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(ours), nnx.state(theirs))
+    for attr in ("scale", "bias"):
+        assert (getattr(ours, attr, None) is None) == (getattr(theirs, attr, None) is None)
+    moved = jax.tree.map(lambda a: a + 1, nnx.state(theirs))
+    nnx.update(ours, moved)
+    nnx.update(theirs, nnx.state(ours))
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(theirs), moved)
+
+
+def _loss_and_grads(module, x, w, **call):
+    def loss(m):
+        y = m(x, **call)
+        return jnp.sum(jnp.tanh(y) * w), y
+    (value, y), grads = nnx.value_and_grad(loss, has_aux=True)(module)
+    return y, grads
+
+
+@pytest.mark.parametrize("name", PAIRS)
+@pytest.mark.parametrize("masked", [False, True])
+def test_outputs_statistics_and_gradients_equal_flax_nnx(name, masked, stats_path):
+    kw, shape = PAIRS[name]
+    x, w = _data(shape), _data(shape, seed=1)
+    call = {"mask": jnp.asarray(np.random.default_rng(2).random(shape) < 0.7)} if masked else {}
+    inits = {"scale_init": nn.initializers.normal(1.0)}
+    if name != "RMSNorm":
+        inits["bias_init"] = nn.initializers.normal(1.0)
+    # Masked rows keep few elements, where flax's default E[x^2] - E[x]^2 loses digits: its stable mode.
+    theirs = getattr(nnx, name)(shape[-1], **kw, **inits, use_fast_variance=not masked, rngs=nnx.Rngs(0))
+    ours = getattr(nznnx, name)(shape[-1], **kw, **inits, rngs=nnx.Rngs(0))
+    for step in range(2):  # the second step starts from the updated statistics
+        y0, g0 = _loss_and_grads(theirs, x + step, w, **call)
+        y1, g1 = _loss_and_grads(ours, x + step, w, **call)
+        np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g1, g0)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                     nnx.state(ours), nnx.state(theirs))
+    if name == "BatchNorm":
+        theirs.eval()
+        ours.eval()
+        np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+# Every normzoo.nnx layer runs its linen twin's code: the same variables give the same numbers.
+TWINS = {
+    "BatchNorm": ({"use_running_average": False}, {}, (16, 5)),
+    "BatchRenorm": ({"use_running_average": False, "warmup_steps": 2, "r_max": 1.5, "d_max": 0.5}, {}, (16, 5)),
+    "MeanOnlyBatchNorm": ({"use_running_average": False}, {}, (16, 5)),
+    "ghost BatchNorm": ({"use_running_average": False, "virtual_batch_size": 4}, {}, (16, 5)),
+    "LayerNorm": ({}, {}, (4, 7, 5)),
+    "RMSNorm": ({}, {}, (4, 7, 5)),
+    "GroupNorm": ({"num_groups": 5}, {}, (3, 4, 4, 5)),
+    "InstanceNorm": ({}, {}, (3, 4, 4, 5)),
+    "tracked InstanceNorm": ({"track_running_stats": True, "use_running_average": False}, {}, (3, 4, 4, 5)),
+}
+
+
+def _linen_variables(module):
+    params, stats = {}, {}
+    for path, v in nnx.to_flat_state(nnx.state(module)):
+        (params if isinstance(v, nnx.Param) else stats)[path[-1]] = v[...]
+    return {"params": params, **({"batch_stats": stats} if stats else {})}
+
+
+@pytest.mark.parametrize("twin", TWINS)
+def test_each_layer_equals_its_linen_twin_on_the_same_variables(twin, stats_path):
+    kw, _, shape = TWINS[twin]
+    name = twin.split()[-1]
+    ours = getattr(nznnx, name)(shape[-1], **kw, rngs=nnx.Rngs(0))
+    linen_kw = {k: v for k, v in kw.items() if not (k == "use_running_average" and name != "InstanceNorm")}
+    linen = getattr(normzoo, name)(**linen_kw)
+    w = _data(shape, seed=1)
+    for step in range(4):  # BatchRenorm crosses its warm-up
+        x = _data(shape, seed=10 + step, loc=step)
+        variables = _linen_variables(ours)
+        call = {"use_running_average": False} if "use_running_average" in kw and name != "InstanceNorm" else {}
+
+        def linen_loss(params, variables=variables, x=x, call=call):
+            y, upd = linen.apply({**variables, "params": params}, x, **call, mutable=["batch_stats"])
+            return jnp.sum(jnp.tanh(y) * w), (y, upd.get("batch_stats", {}))
+        (_, (y0, stats0)), g0 = jax.value_and_grad(linen_loss, has_aux=True)(variables["params"])
+        y1, g1 = _loss_and_grads(ours, x, w)
+        np.testing.assert_allclose(y1, y0, rtol=1e-6, atol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                     _linen_variables(g1)["params"], g0)
+        if stats0:
+            jax.tree.map(np.testing.assert_array_equal, _linen_variables(ours)["batch_stats"], stats0)
+
+
+def test_large_means_stay_accurate_against_float64():
+    x = _data((64, 6), loc=1e4, scale=1.0)
+    ours = nznnx.BatchNorm(6, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(ours(x), ref.batch_norm(np.asarray(x, np.float64), (0,), 1e-5), atol=2e-3)
+    ln = nznnx.LayerNorm(6, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(ln(x), ref.layer_norm(np.asarray(x, np.float64), (1,), 1e-6), atol=2e-3)
+    # flax.nnx's default (fast) variance loses these statistics entirely.
+    assert np.abs(np.asarray(nnx.BatchNorm(6, rngs=nnx.Rngs(0))(x)) - ref.batch_norm(np.asarray(x, np.float64), (0,), 1e-5)).max() > 0.1
+
+
+def test_train_eval_view_and_call_argument_choose_statistics_as_flax_nnx():
+    x = _data((16, 5))
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.linear = nnx.Linear(5, 5, rngs=rngs)
+            self.bn = nznnx.BatchNorm(5, rngs=rngs)
+            self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+    net = Net(nnx.Rngs(0))
+    train_y = net.bn(x)
+    running = (x - net.bn.mean[...]) / jnp.sqrt(net.bn.var[...] + 1e-5)
+    net.eval()
+    assert net.bn.use_running_average is True and net.drop.deterministic is True
+    np.testing.assert_allclose(net.bn(x), running, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(net.bn(x, use_running_average=False), train_y, rtol=1e-5, atol=1e-5)
+    net.train()
+    assert net.bn.use_running_average is False
+    running = (x - net.bn.mean[...]) / jnp.sqrt(net.bn.var[...] + 1e-5)  # moved by the training call
+    view = nnx.view(net, use_running_average=True)
+    np.testing.assert_allclose(view.bn(x), running, rtol=1e-5, atol=1e-5)
+    assert net.bn.use_running_average is False
+    with pytest.raises(ValueError, match="no use_running_average given; pass it to the constructor"):
+        nznnx.BatchNorm(5, use_running_average=None, rngs=nnx.Rngs(0))(x)
+
+
+def test_errors_name_the_argument_and_the_fix():
+    bn = nznnx.BatchNorm(5, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"BatchNorm: the input has feature shape \(4,\), but the existing batch_stats\['mean'\] has shape \(5,\)"):
+        bn(jnp.ones((8, 4)))
+    with pytest.raises(ValueError, match="promote_dtype=.* is not supported"):
+        nznnx.LayerNorm(5, promote_dtype=lambda xs, dtype=None: xs, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="r_max=0.5 must be >= 1"):
+        nznnx.BatchRenorm(5, r_max=0.5, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="num_groups=3 must be positive and divide the 5 channels"):
+        nznnx.GroupNorm(5, num_groups=3, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="virtual_batch_size=3 must divide the batch dimension"):
+        nznnx.BatchNorm(5, virtual_batch_size=3, rngs=nnx.Rngs(0))(jnp.ones((8, 5)))
+    with pytest.raises(ValueError, match=r"num_features=\(2, 3\) must give one size per feature axis"):
+        nznnx.LayerNorm((2, 3), rngs=nnx.Rngs(0))
+
+
+def test_jit_grad_and_an_optimizer_step_update_params_and_statistics():
+    optax = pytest.importorskip("optax")
+    model = nnx.Sequential(nnx.Linear(5, 8, rngs=nnx.Rngs(0)), nznnx.BatchRenorm(8, warmup_steps=0, rngs=nnx.Rngs(1)))
+    opt = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+    x, t = _data((16, 5)), _data((16, 8), seed=3)
+
+    @nnx.jit
+    def step(model, opt, x):
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - t) ** 2))(model)
+        opt.update(model, grads)
+        return loss
+
+    losses = [float(step(model, opt, x)) for _ in range(5)]
+    assert losses[-1] < losses[0]
+    assert int(model.layers[1].steps[...]) == 5
+    assert not np.allclose(model.layers[1].mean[...], 0)
+
+
+D = 8
+
+
+@pytest.mark.skipif(jax.device_count() < D, reason="needs 8 (simulated) devices")
+@pytest.mark.parametrize("mapper", ["shard_map", "jit_sharding"])
+def test_synced_statistics_equal_the_global_batch(mapper, stats_path):
+    x, w = _data((32, 4, 6), loc=1.0), _data((32, 4, 6), seed=1)
+    single = nznnx.BatchNorm(6, momentum=0.7, rngs=nnx.Rngs(0))
+    y_ref, g_ref = _loss_and_grads(single, x, w)
+    mesh = jax.make_mesh((D,), ("batch",))
+    put = lambda a: jax.device_put(a, NamedSharding(mesh, P("batch")))  # noqa: E731
+    if mapper == "shard_map":
+        synced = nznnx.BatchNorm(6, momentum=0.7, axis_name="batch", rngs=nnx.Rngs(0))
+
+        # Replicated params: shard_map's transpose sums their gradients across devices.
+        run = nnx.jit(nnx.shard_map(_loss_and_grads, mesh=mesh, in_specs=(P(), P("batch"), P("batch")),
+                                    out_specs=(P("batch"), P())))
+        y, g = run(synced, put(x), put(w))
+    else:  # no axis_name: the compiler reduces across the sharded batch
+        synced = nznnx.BatchNorm(6, momentum=0.7, rngs=nnx.Rngs(0))
+        y, g = nnx.jit(_loss_and_grads)(synced, put(x), put(w))
+        assert len(y.sharding.device_set) == D
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), g, g_ref)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 nnx.state(synced, nnx.BatchStat), nnx.state(single, nnx.BatchStat))
