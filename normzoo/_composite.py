@@ -55,33 +55,44 @@ class IBN(_BatchFields):
     @nn.nowrap
     def _map(self, x: Array, use_running_average: bool | None, mask: Array | None) -> AffineMap:
         # The joined map of the two parts; updates BN's running statistics.
-        if not 0.0 <= self.ratio <= 1.0:
-            raise ValueError(
-                f"IBN: ratio={self.ratio!r} must lie in [0, 1] (the fraction of channels that "
-                "are instance-normalized; 0 is BatchNorm, 1 is InstanceNorm)."
-            )
-        if not isinstance(self.axis, int):
-            raise ValueError(f"IBN: axis={self.axis!r} must be a single int (the channel axis).")
-        (axis,) = _stats.canonicalize_axes(x.ndim, self.axis, argument="axis", layer="IBN")
-        channels = x.shape[axis]
-        k = int(channels * self.ratio)
-        mask = _stats.check_mask(mask, x, layer="IBN")
-        parts = jnp.split(x, [k], axis)
-        masks = (None, None) if mask is None else jnp.split(mask, [k], axis)
-        maps = []
-        if k > 0:
-            instance = InstanceNorm(
+        def instance(part, mask, axis):
+            return InstanceNorm(
                 epsilon=self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
                 use_bias=self.use_bias, use_scale=self.use_scale, bias_init=self.bias_init,
                 scale_init=self.scale_init, feature_axes=axis,
                 force_float32_reductions=self.force_float32_reductions, name="IN",
-            )
-            maps.append(instance.affine_map(parts[0], mask=masks[0]))
-        if k < channels:
+            ).affine_map(part, mask=mask)
+
+        def batch(part, mask):
             fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(BatchNorm)
                       if f.name not in ("parent", "name")}
-            batch = BatchNorm(**fields, name="BN")
-            maps.append(batch.affine_map(parts[1], use_running_average, mask=masks[1]))
-        if len(maps) == 1:
-            return maps[0]
-        return maps[0].join(maps[1], axis, x.ndim, k, channels)
+            return BatchNorm(**fields, name="BN").affine_map(part, use_running_average, mask=mask)
+
+        return ibn_map(x, mask, self.ratio, self.axis, instance, batch)
+
+
+def ibn_map(x: Array, mask: Array | None, ratio: float, axis, instance, batch) -> AffineMap:
+    """IBN's map: ``instance(x[:k], mask, axis)`` on the first ``k = int(C * ratio)`` channels of
+    ``axis``, ``batch(x[k:], mask)`` on the rest (each an :class:`AffineMap`), joined along
+    ``axis``. Shared by the linen and the nnx layer, which differ only in how parts are held."""
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(
+            f"IBN: ratio={ratio!r} must lie in [0, 1] (the fraction of channels that "
+            "are instance-normalized; 0 is BatchNorm, 1 is InstanceNorm)."
+        )
+    if not isinstance(axis, int):
+        raise ValueError(f"IBN: axis={axis!r} must be a single int (the channel axis).")
+    (axis,) = _stats.canonicalize_axes(x.ndim, axis, argument="axis", layer="IBN")
+    channels = x.shape[axis]
+    k = int(channels * ratio)
+    mask = _stats.check_mask(mask, x, layer="IBN")
+    parts = jnp.split(x, [k], axis)
+    masks = (None, None) if mask is None else jnp.split(mask, [k], axis)
+    maps = []
+    if k > 0:
+        maps.append(instance(parts[0], masks[0], axis))
+    if k < channels:
+        maps.append(batch(parts[1], masks[1]))
+    if len(maps) == 1:
+        return maps[0]
+    return maps[0].join(maps[1], axis, x.ndim, k, channels)

@@ -133,6 +133,22 @@ def make(name: str, **overrides: Any) -> Normalizer:
       ValueError: unknown name (the message lists the known ones).
       TypeError: an override that the configured layer has no field for.
     """
+    return _make(name, overrides, _LINEN)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Api:
+    """How a registry row becomes layers of one Flax API (linen here; ``normzoo.nnx`` has its own)."""
+
+    layer: Callable[[type], type]  # the API's class for a row's (linen) class
+    fields: Callable[[type], set[str]]  # the keyword arguments a class accepts as overrides
+    norm_factory: Callable[[type, dict[str, Any]], Callable[..., Any]]
+
+
+_LINEN = _Api(layer=lambda cls: cls, fields=_fields, norm_factory=_norm_factory)
+
+
+def _make(name: str, overrides: dict[str, Any], api: _Api) -> Normalizer:
     if name not in _TABLE:
         raise ValueError(f"unknown normalizer {name!r}; known names: {', '.join(available())}.")
     entry = _TABLE[name]
@@ -141,10 +157,11 @@ def make(name: str, **overrides: Any) -> Normalizer:
     for flag, cls in entry.switches.items():
         if overrides.pop(flag, False):
             norm_cls = cls
+    row_cls, norm_cls, dense, conv = norm_cls, api.layer(norm_cls), api.layer(entry.dense), api.layer(entry.conv)
     if entry.configures == "linear":
-        target, allowed = f"{entry.dense.__name__}/{entry.conv.__name__}", _fields(entry.dense) & _fields(entry.conv)
+        target, allowed = f"{dense.__name__}/{conv.__name__}", api.fields(dense) & api.fields(conv)
     else:
-        target, allowed = norm_cls.__name__, _fields(norm_cls)
+        target, allowed = norm_cls.__name__, api.fields(norm_cls)
     bad = sorted(set(overrides) - allowed)
     if bad:
         raise TypeError(
@@ -152,11 +169,12 @@ def make(name: str, **overrides: Any) -> Normalizer:
             f"{sorted(allowed | set(entry.switches))}."
         )
     linear, layer = (overrides, {}) if entry.configures == "linear" else ({}, overrides)
-    norm = _norm_factory(norm_cls, layer)
+    norm = api.norm_factory(norm_cls, layer)
     late = norm
     if entry.late_norm is not None:
-        late = _norm_factory(entry.late_norm, {k: v for k, v in layer.items() if k in _fields(entry.late_norm)})
+        late_cls = api.layer(entry.late_norm)
+        late = api.norm_factory(late_cls, {k: v for k, v in layer.items() if k in api.fields(late_cls)})
     return Normalizer(
-        name, norm, late, functools.partial(entry.dense, **linear), functools.partial(entry.conv, **linear),
-        is_identity=norm_cls is Identity, batch_statistics="virtual_batch_size" in _fields(norm_cls),
+        name, norm, late, functools.partial(dense, **linear), functools.partial(conv, **linear),
+        is_identity=row_cls is Identity, batch_statistics="virtual_batch_size" in _fields(row_cls),
     )

@@ -288,6 +288,10 @@ class WeightNormDense(_DenseFields):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         """Applies the weight-normalized layer to ``x`` (features last)."""
+        return self._apply(x)
+
+    @nn.nowrap
+    def _apply(self, x: Array) -> Array:
         return _weight_norm(self, x, self._kernel_shape(x), self._op)
 
 
@@ -325,6 +329,10 @@ class WeightNormConv(_ConvFields):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         """Applies the weight-normalized convolution to ``x`` (batch..., spatial..., C)."""
+        return self._apply(x)
+
+    @nn.nowrap
+    def _apply(self, x: Array) -> Array:
         geometry = self._geometry(x)
         op = lambda x, kernel: self._convolve(geometry, x, kernel)  # noqa: E731
         return self._restore(geometry, _weight_norm(self, geometry.x, geometry.kernel_shape, op))
@@ -364,6 +372,10 @@ class CosineDense(_DenseFields):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         """Cosine similarity of ``x`` (features last) with each unit's weights."""
+        return self._apply(x)
+
+    @nn.nowrap
+    def _apply(self, x: Array) -> Array:
         return _cosine(self, x, self._kernel_shape(x), self._op, self._patch_sumsq)
 
 
@@ -399,6 +411,10 @@ class CosineConv(_ConvPatches):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         """Cosine similarity of each patch of ``x`` with each filter."""
+        return self._apply(x)
+
+    @nn.nowrap
+    def _apply(self, x: Array) -> Array:
         geometry = self._geometry(x)
         op = lambda x, kernel: self._convolve(geometry, x, kernel)  # noqa: E731
         patches = lambda x, kernel_shape: self._patch_sumsq(geometry, x, kernel_shape)  # noqa: E731

@@ -46,12 +46,21 @@ from flax import nnx
 from flax.nnx.nn import dtypes as _flax_dtypes
 from flax.nnx.nn import initializers
 
-from normzoo import _batch, _sample
+from flax.linen import dtypes as _linen_dtypes
+from flax.nnx.nn.linear import default_kernel_init
+
+import inspect
+
+import flax.linen as nn
+
+from normzoo import _batch, _composite, _registry, _sample, _weight
 from normzoo._stats import AffineMap
 
 Array = jax.Array
 
-__all__ = ["BatchNorm", "BatchRenorm", "GroupNorm", "InstanceNorm", "LayerNorm", "MeanOnlyBatchNorm", "RMSNorm"]
+__all__ = ["BatchNorm", "BatchRenorm", "CosineConv", "CosineLinear", "GroupNorm", "IBN", "Identity", "InstanceNorm",
+           "LayerNorm", "MeanOnlyBatchNorm", "RMSNorm", "WeightNormConv", "WeightNormLinear", "from_linen",
+           "make", "to_linen"]
 
 
 # ----------------------------------------------------------------------------- the bridge to the shared code
@@ -170,6 +179,7 @@ class _Layer(nnx.Module):
     """The shell: configuration and variables here, the maths in ``_linen``'s ``_map``."""
 
     _linen: type  # the linen layer whose code runs
+    _optional = ("scale", "bias")  # parameters that are None when unused, as in flax.nnx
 
     def _configure(self, config: dict, metadata: dict, rngs: nnx.Rngs, placeholder: Array) -> None:
         if config.get("promote_dtype", _flax_dtypes.promote_dtype) is not _flax_dtypes.promote_dtype:
@@ -182,7 +192,7 @@ class _Layer(nnx.Module):
             setattr(self, name, value)
         # The linen code, initializing, creates the variables (flax.nnx's names and order).
         self._run(placeholder, creating=_Creating(rngs, metadata))
-        for name in ("scale", "bias"):  # as flax.nnx: None where the parameter is not used
+        for name in self._optional:  # as flax.nnx: None where the parameter is not used
             if not hasattr(self, name):
                 setattr(self, name, nnx.data(None))
 
@@ -602,3 +612,458 @@ class InstanceNorm(_SampleLayer):
         """For ``nnx.view``: sets ``use_running_average``."""
         if use_running_average is not None:
             self.use_running_average = use_running_average
+
+
+class IBN(nnx.Module):
+    r"""Instance-Batch Normalization, IBN-a (Pan et al. 2018), as an ``nnx.Module``.
+
+    .. math:: y = \mathrm{concat}\big(\mathrm{IN}(x_{[:k]}),\ \mathrm{BN}(x_{[k:]})\big),\quad k = \lfloor C \cdot \mathrm{ratio} \rfloor
+
+    Submodules ``IN`` (:class:`InstanceNorm` over ``k`` channels; None if ``k = 0``) and
+    ``BN`` (:class:`BatchNorm` over the rest; None if none are left), named as the linen
+    :class:`normzoo.IBN`'s; their maps are joined and applied in one pass
+    (``normzoo._composite.ibn_map``, shared with linen). Arguments: :class:`BatchNorm`'s, then
+    ``ratio``.
+
+    Example:
+      >>> import jax
+      >>> from flax import nnx
+      >>> from normzoo import nnx as nznnx
+      >>> ibn = nznnx.IBN(8, ratio=0.5, rngs=nnx.Rngs(0))
+      >>> ibn(jax.random.normal(jax.random.key(0), (4, 6, 6, 8))).shape, ibn.IN.scale[...].shape
+      ((4, 6, 6, 8), (4,))
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        use_running_average: bool | None = False,
+        axis: int = -1,
+        momentum: float = 0.99,
+        epsilon: float = 1e-5,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Any = initializers.zeros_init(),
+        scale_init: Any = initializers.ones_init(),
+        axis_name: str | None = None,
+        axis_index_groups: Any = None,
+        use_fast_variance: bool = True,
+        promote_dtype: Any = _flax_dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+        virtual_batch_size: int | None = None,
+        ratio: float = 0.5,
+    ):
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(
+                f"IBN: ratio={ratio!r} must lie in [0, 1] (the fraction of channels that are "
+                "instance-normalized; 0 is BatchNorm, 1 is InstanceNorm)."
+            )
+        k = int(num_features * ratio)
+        shared = dict(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, use_bias=use_bias,
+                      use_scale=use_scale, bias_init=bias_init, scale_init=scale_init,
+                      promote_dtype=promote_dtype, rngs=rngs, bias_metadata=bias_metadata,
+                      scale_metadata=scale_metadata)
+        # Built in the linen layer's order (IN first), so parameter keys are drawn alike.
+        self.IN = nnx.data(InstanceNorm(k, feature_axes=axis, **shared) if k > 0 else None)
+        self.BN = nnx.data(BatchNorm(
+            num_features - k, use_running_average=use_running_average, axis=axis, momentum=momentum,
+            axis_name=axis_name, axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance,
+            virtual_batch_size=virtual_batch_size, **shared) if k < num_features else None)
+        self.num_features, self.ratio, self.axis = num_features, ratio, axis
+        self.use_running_average = use_running_average
+
+    def __call__(self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None) -> Array:
+        """Normalizes ``x`` (arguments as :meth:`BatchNorm.__call__`)."""
+        return self.affine_map(x, use_running_average, mask=mask)(x)
+
+    def affine_map(self, x: Array, use_running_average: bool | None = None, *,
+                   mask: Array | None = None) -> AffineMap:
+        """The joined map ``__call__`` applies (same arguments; updates BN's running statistics)."""
+        use_ra = _first_from(use_running_average, self.use_running_average, "IBN")
+        return _composite.ibn_map(
+            x, mask, self.ratio, self.axis,
+            lambda part, mask, axis: self.IN._run(part, mask=mask),
+            lambda part, mask: self.BN.affine_map(part, use_ra, mask=mask),
+        )
+
+    def set_view(self, use_running_average: bool | None = None):
+        """For ``nnx.view``: sets ``use_running_average``."""
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
+
+
+# ----------------------------------------------------------------------------- weight family
+
+
+class _WeightLayer(_Layer):
+    """Linear layers with a normalized kernel: the linen layer's ``_apply`` on this module's
+    parameters. flax.nnx's ``in_features, out_features`` name what linen infers and calls
+    ``features``; ``promote_dtype`` is flax's default."""
+
+    def _run(self, x, *, creating=None) -> Array:
+        overrides = {"features": self.out_features, "promote_dtype": _linen_dtypes.promote_dtype,
+                     "dot_general_cls": None, "conv_general_dilated_cls": None, "data_init": False,
+                     "init_scale": 1.0}
+        return self._linen._apply(self._scope(creating, overrides), x)
+
+    def __call__(self, x: Array) -> Array:
+        """Applies the layer to ``x`` (features last)."""
+        return self._run(x)
+
+    def _configure(self, config, metadata, rngs, placeholder):
+        if config.pop("preferred_element_type", None) is not None:
+            raise ValueError(
+                f"{type(self).__name__}: preferred_element_type is not supported; the normalized "
+                "product is accumulated in at least float32 and returned in `dtype`."
+            )
+        if config.get("mask") is not None:
+            config["mask"] = nnx.data(config["mask"])
+        super()._configure(config, metadata, rngs, placeholder)
+
+
+def _linear_placeholder(in_features: int) -> Array:
+    return jnp.zeros((1, in_features), jnp.float32)
+
+
+def _conv_placeholder(in_features: int, kernel_size, kernel_dilation) -> Array:
+    ks = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
+    dil = (1 if kernel_dilation is None else kernel_dilation,) * len(ks) if not isinstance(
+        kernel_dilation, (tuple, list)) else tuple(kernel_dilation)
+    return jnp.zeros((1,) + tuple((k - 1) * d + 1 for k, d in zip(ks, dil)) + (in_features,), jnp.float32)
+
+
+class WeightNormLinear(_WeightLayer):
+    r"""Weight-normalized linear layer (Salimans & Kingma 2016) with ``flax.nnx.Linear``'s constructor.
+
+    .. math:: y = x \cdot \Big(g \frac{v}{\lVert v \rVert}\Big) + b
+
+    Parameters ``v`` (in, out; ``kernel_init``, ``kernel_metadata``), ``g`` (out;
+    ``scale_init``) and ``bias``; the arithmetic is :class:`normzoo.WeightNormDense`'s.
+    (flax.nnx's ``WeightNorm`` wraps an existing layer instead; this is a layer of its own,
+    like the linen one, and has no ``data_init``: NNX modules are built without data.)
+
+    Example:
+      >>> import jax
+      >>> from flax import nnx
+      >>> from normzoo import nnx as nznnx
+      >>> layer = nznnx.WeightNormLinear(5, 4, rngs=nnx.Rngs(0))
+      >>> layer(jax.random.normal(jax.random.key(1), (3, 5))).shape, layer.g[...].shape
+      ((3, 4), (4,))
+    """
+
+    _linen = _weight.WeightNormDense
+    _optional = ("bias",)
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        kernel_init: Any = default_kernel_init,
+        bias_init: Any = initializers.zeros_init(),
+        dot_general: Any = jax.lax.dot_general,
+        promote_dtype: Any = _flax_dtypes.promote_dtype,
+        preferred_element_type: Any = None,
+        rngs: nnx.Rngs,
+        kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        scale_init: Any = initializers.ones_init(),
+        epsilon: float = 1e-12,
+    ):
+        config = {k: v for k, v in locals().items() if k not in _NOT_CONFIG + ("kernel_metadata",)}
+        self._configure(config, {"v": kernel_metadata, "bias": bias_metadata}, rngs, _linear_placeholder(in_features))
+
+
+class CosineLinear(_WeightLayer):
+    r"""Cosine-normalized linear layer (Luo et al. 2017) with ``flax.nnx.Linear``'s constructor.
+
+    .. math:: y_j = s \frac{w_j \cdot x}{\lVert w_j \rVert \, \lVert x \rVert} + b_j
+
+    ``use_bias`` defaults to False (as :class:`normzoo.CosineDense`); ``use_scale`` learns the
+    scalar ``scale`` ``s``. The arithmetic is :class:`normzoo.CosineDense`'s.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from normzoo import nnx as nznnx
+      >>> y = nznnx.CosineLinear(5, 4, rngs=nnx.Rngs(0))(jax.random.normal(jax.random.key(1), (3, 5)))
+      >>> bool(jnp.all(jnp.abs(y) <= 1.0))
+      True
+    """
+
+    _linen = _weight.CosineDense
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool = False,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        kernel_init: Any = default_kernel_init,
+        bias_init: Any = initializers.zeros_init(),
+        dot_general: Any = jax.lax.dot_general,
+        promote_dtype: Any = _flax_dtypes.promote_dtype,
+        preferred_element_type: Any = None,
+        rngs: nnx.Rngs,
+        kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        use_scale: bool = False,
+        scale_init: Any = initializers.ones_init(),
+        epsilon: float = 1e-12,
+    ):
+        config = {k: v for k, v in locals().items() if k not in _NOT_CONFIG + ("kernel_metadata",)}
+        self._configure(config, {"kernel": kernel_metadata, "bias": bias_metadata}, rngs,
+                        _linear_placeholder(in_features))
+
+
+class WeightNormConv(_WeightLayer):
+    r"""Weight-normalized convolution (Salimans & Kingma 2016) with ``flax.nnx.Conv``'s constructor.
+
+    .. math:: y = x * \Big(g \frac{v}{\lVert v \rVert}\Big) + b
+
+    Parameters ``v`` (*kernel_size, in / feature_group_count, out), ``g`` (out,), ``bias``;
+    every ``flax.nnx.Conv`` argument with its meaning (padding modes, dilations, groups,
+    mask). The arithmetic is :class:`normzoo.WeightNormConv`'s.
+
+    Example:
+      >>> import jax
+      >>> from flax import nnx
+      >>> from normzoo import nnx as nznnx
+      >>> conv = nznnx.WeightNormConv(3, 4, (3, 3), rngs=nnx.Rngs(0))
+      >>> conv(jax.random.normal(jax.random.key(1), (2, 8, 8, 3))).shape, conv.v[...].shape
+      ((2, 8, 8, 4), (3, 3, 3, 4))
+    """
+
+    _linen = _weight.WeightNormConv
+    _optional = ("bias",)
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: Any,
+        strides: Any = 1,
+        *,
+        padding: Any = "SAME",
+        input_dilation: Any = 1,
+        kernel_dilation: Any = 1,
+        feature_group_count: int = 1,
+        use_bias: bool = True,
+        mask: Array | None = None,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        kernel_init: Any = default_kernel_init,
+        bias_init: Any = initializers.zeros_init(),
+        conv_general_dilated: Any = jax.lax.conv_general_dilated,
+        promote_dtype: Any = _flax_dtypes.promote_dtype,
+        preferred_element_type: Any = None,
+        rngs: nnx.Rngs,
+        kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        scale_init: Any = initializers.ones_init(),
+        epsilon: float = 1e-12,
+    ):
+        config = {k: v for k, v in locals().items() if k not in _NOT_CONFIG + ("kernel_metadata",)}
+        self._configure(config, {"v": kernel_metadata, "bias": bias_metadata}, rngs,
+                        _conv_placeholder(in_features, kernel_size, kernel_dilation))
+
+
+class CosineConv(_WeightLayer):
+    r"""Cosine-normalized convolution (Luo et al. 2017) with ``flax.nnx.Conv``'s constructor.
+
+    .. math:: y_{p,j} = s \frac{w_j \cdot x_p}{\lVert w_j \rVert \, \lVert x_p \rVert} + b_j
+
+    ``use_bias`` defaults to False; ``use_scale`` learns ``scale``. The arithmetic is
+    :class:`normzoo.CosineConv`'s (patch norms by a box filter, never extracted patches).
+
+    Example:
+      >>> import jax
+      >>> from flax import nnx
+      >>> from normzoo import nnx as nznnx
+      >>> conv = nznnx.CosineConv(3, 4, (3, 3), rngs=nnx.Rngs(0))
+      >>> conv(jax.random.normal(jax.random.key(1), (2, 6, 6, 3))).shape
+      (2, 6, 6, 4)
+    """
+
+    _linen = _weight.CosineConv
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: Any,
+        strides: Any = 1,
+        *,
+        padding: Any = "SAME",
+        input_dilation: Any = 1,
+        kernel_dilation: Any = 1,
+        feature_group_count: int = 1,
+        use_bias: bool = False,
+        mask: Array | None = None,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        kernel_init: Any = default_kernel_init,
+        bias_init: Any = initializers.zeros_init(),
+        conv_general_dilated: Any = jax.lax.conv_general_dilated,
+        promote_dtype: Any = _flax_dtypes.promote_dtype,
+        preferred_element_type: Any = None,
+        rngs: nnx.Rngs,
+        kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        use_scale: bool = False,
+        scale_init: Any = initializers.ones_init(),
+        epsilon: float = 1e-12,
+    ):
+        config = {k: v for k, v in locals().items() if k not in _NOT_CONFIG + ("kernel_metadata",)}
+        self._configure(config, {"kernel": kernel_metadata, "bias": bias_metadata}, rngs,
+                        _conv_placeholder(in_features, kernel_size, kernel_dilation))
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+class Identity(nnx.Module):
+    """The normalizer of ``none``, ``weight`` and ``cosine``: returns ``x`` (cast to ``dtype`` if set).
+
+    Takes the other normalizers' arguments and ignores them, so a model can build any of them
+    from :func:`make` alike.
+    """
+
+    def __init__(self, num_features: int | None = None, *, dtype: Any = None, rngs: nnx.Rngs | None = None, **_):
+        self.dtype = dtype
+
+    def __call__(self, x: Array, use_running_average: bool | None = None, *, mask=None) -> Array:
+        """Returns ``x``."""
+        return x if self.dtype is None else jnp.asarray(x, self.dtype)
+
+
+_TWINS = {
+    _batch.BatchNorm: BatchNorm, _batch.BatchRenorm: BatchRenorm, _batch.MeanOnlyBatchNorm: MeanOnlyBatchNorm,
+    _sample.LayerNorm: LayerNorm, _sample.RMSNorm: RMSNorm, _sample.GroupNorm: GroupNorm,
+    _sample.InstanceNorm: InstanceNorm, _composite.IBN: IBN, _registry.Identity: Identity,
+    nn.Dense: nnx.Linear, nn.Conv: nnx.Conv, _weight.WeightNormDense: WeightNormLinear,
+    _weight.WeightNormConv: WeightNormConv, _weight.CosineDense: CosineLinear, _weight.CosineConv: CosineConv,
+}
+
+
+def _keywords(cls) -> set[str]:
+    if cls is Identity:
+        return {"dtype"}
+    params = inspect.signature(cls.__init__).parameters.values()
+    return {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "rngs"}
+
+
+def _nnx_norm_factory(cls, overrides):
+    def norm(num_features: int, train: bool, *, rngs: nnx.Rngs, **fields) -> nnx.Module:
+        kw = {**overrides, **fields}
+        if "use_running_average" in _keywords(cls):
+            kw.setdefault("use_running_average", not train)
+        return cls(num_features, **kw, rngs=rngs)
+
+    norm.__doc__ = f"Returns a configured {cls.__name__}; ``train`` picks batch vs running statistics."
+    return norm
+
+
+_NNX = _registry._Api(layer=_TWINS.__getitem__, fields=_keywords, norm_factory=_nnx_norm_factory)
+
+
+def make(name: str, **overrides: Any) -> _registry.Normalizer:
+    """:func:`normzoo.make` for NNX models: the same names, rows and overrides, NNX layers.
+
+    ``norm(num_features, train, rngs=...)`` builds the activation normalizer, ``dense(in, out,
+    rngs=...)`` and ``conv(in, out, kernel_size, rngs=...)`` the linear layers
+    (``nnx.Linear``/``nnx.Conv``, or the weight-normalized or cosine ones for ``weight`` and
+    ``cosine``), so one config string switches the normalizer of an NNX model too.
+
+    Example:
+      >>> from flax import nnx
+      >>> from normzoo import nnx as nznnx
+      >>> spec = nznnx.make("batch_renorm", r_max=2.0)
+      >>> layer = spec.norm(16, train=False, rngs=nnx.Rngs(0))
+      >>> type(layer).__name__, layer.use_running_average, layer.r_max
+      ('BatchRenorm', True, 2.0)
+      >>> type(nznnx.make("cosine").dense(8, 4, rngs=nnx.Rngs(0))).__name__
+      'CosineLinear'
+
+    Raises:
+      ValueError: unknown name (the message lists the known ones).
+      TypeError: an override that the configured layer does not take.
+    """
+    return _registry._make(name, overrides, _NNX)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def to_linen(module: nnx.Module) -> dict:
+    """The module's variables as a linen variable dict: ``{"params": ..., "batch_stats": ...}``,
+    nested by the module's attribute paths (which are the linen layer's variable names and, in
+    a model whose submodules are named as the linen model's, its paths).
+
+    Example:
+      >>> from flax import nnx
+      >>> from normzoo import nnx as nznnx
+      >>> import normzoo, jax.numpy as jnp
+      >>> variables = nznnx.to_linen(nznnx.BatchNorm(3, rngs=nnx.Rngs(0)))
+      >>> y = normzoo.BatchNorm(use_running_average=True).apply(variables, jnp.ones((2, 3)))
+      >>> sorted(variables), sorted(variables['batch_stats'])
+      (['batch_stats', 'params'], ['mean', 'var'])
+    """
+    out: dict = {}
+    for path, variable in nnx.to_flat_state(nnx.state(module, (nnx.Param, nnx.BatchStat))):
+        collection = "params" if isinstance(variable, nnx.Param) else "batch_stats"
+        node = out.setdefault(collection, {})
+        for key in path[:-1]:
+            node = node.setdefault(str(key), {})
+        node[str(path[-1])] = variable[...]
+    return out
+
+
+def from_linen(module: nnx.Module, variables: Mapping[str, Any]) -> None:
+    """Loads linen ``variables`` (``params`` and ``batch_stats``) into ``module`` in place.
+
+    Every Param and BatchStat of the module must be given, with its shape, and nothing else:
+    a missing, extra or mis-shaped entry raises ``ValueError`` naming its path, so nothing
+    is silently dropped or left at its initial value.
+    """
+    given = {}
+    for collection in ("params", "batch_stats"):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(dict(variables.get(collection, {})))[0]:
+            given[(collection,) + tuple(k.key for k in path)] = leaf
+    unknown = sorted(set(variables) - {"params", "batch_stats"})
+    if unknown:
+        raise ValueError(f"from_linen: collections {unknown} have no nnx counterpart here; "
+                         "give only 'params' and 'batch_stats'.")
+    expected = {}
+    for path, variable in nnx.to_flat_state(nnx.state(module, (nnx.Param, nnx.BatchStat))):
+        collection = "params" if isinstance(variable, nnx.Param) else "batch_stats"
+        expected[(collection,) + tuple(str(k) for k in path)] = variable
+    missing, extra = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"from_linen: the variables do not match the module: missing {['/'.join(p) for p in missing]}, "
+            f"unexpected {['/'.join(p) for p in extra]}; build the nnx model with the linen model's "
+            "layer names and options."
+        )
+    for key, variable in expected.items():
+        value = jnp.asarray(given[key])
+        if value.shape != variable[...].shape:
+            raise ValueError(
+                f"from_linen: {'/'.join(key)} has shape {tuple(value.shape)} but the module's has "
+                f"{tuple(variable[...].shape)}."
+            )
+        variable[...] = value.astype(variable[...].dtype)
