@@ -963,8 +963,9 @@ _TWINS = {
 def _keywords(cls) -> set[str]:
     if cls is Identity:
         return {"dtype"}
+    # Everything but the required arguments (num_features, in/out_features, kernel_size) and rngs.
     params = inspect.signature(cls.__init__).parameters.values()
-    return {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "rngs"}
+    return {p.name for p in params if p.default is not inspect.Parameter.empty and p.name != "rngs"}
 
 
 def _nnx_norm_factory(cls, overrides):

@@ -263,3 +263,211 @@ def test_synced_statistics_equal_the_global_batch(mapper, stats_path):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), g, g_ref)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  nnx.state(synced, nnx.BatchStat), nnx.state(single, nnx.BatchStat))
+
+
+# ----------------------------------------------------------------------------- weight family, IBN
+
+
+WEIGHT_TWINS = {
+    "WeightNormLinear": (lambda **kw: nznnx.WeightNormLinear(5, 4, **kw), normzoo.WeightNormDense(4), (3, 5)),
+    "CosineLinear": (lambda **kw: nznnx.CosineLinear(5, 4, use_bias=True, use_scale=True, **kw),
+                     normzoo.CosineDense(4, use_bias=True, use_scale=True), (3, 5)),
+    "WeightNormConv": (lambda **kw: nznnx.WeightNormConv(4, 6, (3, 3), strides=2, padding="CIRCULAR", feature_group_count=2, **kw),
+                       normzoo.WeightNormConv(6, (3, 3), strides=2, padding="CIRCULAR", feature_group_count=2), (2, 7, 7, 4)),
+    "CosineConv": (lambda **kw: nznnx.CosineConv(4, 6, (3, 3), kernel_dilation=2, use_bias=True, **kw),
+                   normzoo.CosineConv(6, (3, 3), kernel_dilation=2, use_bias=True), (2, 7, 7, 4)),
+    "IBN": (lambda **kw: nznnx.IBN(8, ratio=0.25, **kw), normzoo.IBN(ratio=0.25, use_running_average=False), (4, 3, 3, 8)),
+}
+
+
+@pytest.mark.parametrize("name", WEIGHT_TWINS)
+def test_weight_layers_and_ibn_equal_their_linen_twins(name):
+    build, linen, shape = WEIGHT_TWINS[name]
+    ours = build(rngs=nnx.Rngs(0))
+    x, w = _data(shape, loc=1.0), None
+    variables = nznnx.to_linen(ours)
+    # The same structure as the linen layer's own init.
+    assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, linen.init(jax.random.key(0), x))
+
+    def linen_loss(params, x):
+        y, upd = linen.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+        return jnp.sum(jnp.sin(y)), (y, upd)
+    (_, (y0, upd0)), (g0, gx0) = jax.value_and_grad(linen_loss, argnums=(0, 1), has_aux=True)(variables["params"], x)
+
+    def loss(m, x):
+        y = m(x)
+        return jnp.sum(jnp.sin(y)), y
+    (_, y1), (g1, gx1) = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(ours, x)
+    np.testing.assert_allclose(y1, y0, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(gx1, gx0, rtol=1e-5, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), nznnx.to_linen(g1)["params"], g0)
+    if upd0:
+        jax.tree.map(np.testing.assert_array_equal, nznnx.to_linen(ours)["batch_stats"], upd0["batch_stats"])
+
+
+def test_weight_norm_linear_equals_flax_nnx_weight_norm_of_a_linear():
+    """flax.nnx.WeightNorm(nnx.Linear) with its kernel set to our v and its scale to our g."""
+    ours = nznnx.WeightNormLinear(5, 4, rngs=nnx.Rngs(0))
+    ours.g[...] = jnp.arange(1.0, 5.0)
+    theirs = nnx.WeightNorm(nnx.Linear(5, 4, rngs=nnx.Rngs(1)), feature_axes=-1, rngs=nnx.Rngs(2))
+    theirs.layer_instance.kernel[...] = ours.v[...]
+    theirs.layer_instance.bias[...] = ours.bias[...] + 0.5
+    ours.bias[...] = ours.bias[...] + 0.5
+    assert theirs.scales[("kernel",)].shape == ours.g[...].shape  # flax.nnx keeps g per wrapped path
+    theirs.scales[("kernel",)] = ours.g[...]
+    x = _data((3, 5))
+    np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
+
+
+def test_linear_constructors_are_flax_nnx_constructors_then_normzoo_keywords():
+    for ours, theirs, extra in [(nznnx.WeightNormLinear, nnx.Linear, ["scale_init", "epsilon"]),
+                                (nznnx.CosineLinear, nnx.Linear, ["use_scale", "scale_init", "epsilon"]),
+                                (nznnx.WeightNormConv, nnx.Conv, ["scale_init", "epsilon"]),
+                                (nznnx.CosineConv, nnx.Conv, ["use_scale", "scale_init", "epsilon"])]:
+        a = list(inspect.signature(ours.__init__).parameters.values())
+        b = list(inspect.signature(theirs.__init__).parameters.values())
+        assert [p.name for p in a] == [p.name for p in b] + extra, ours
+        for p, q in zip(a, b):
+            assert p.kind == q.kind, (ours, p.name)
+            if p.name not in ("use_bias", "kernel_init") or ours in (nznnx.WeightNormLinear, nznnx.WeightNormConv):
+                assert p.default == q.default or p.default is q.default or _same_init(p.default, q.default), (ours, p.name)
+    with pytest.raises(ValueError, match="preferred_element_type is not supported"):
+        nznnx.CosineLinear(3, 2, preferred_element_type=jnp.float32, rngs=nnx.Rngs(0))
+
+
+# ----------------------------------------------------------------------------- registry, checkpoints
+
+
+@pytest.mark.parametrize("name", normzoo.available())
+def test_registry_builds_the_nnx_twin_of_every_linen_layer(name):
+    linen, ours = normzoo.make(name), nznnx.make(name)
+    assert (ours.is_identity, ours.batch_statistics) == (linen.is_identity, linen.batch_statistics)
+    norm = ours.norm(8, train=True, rngs=nnx.Rngs(0))
+    assert type(norm).__name__ == type(linen.norm(train=True)).__name__
+    assert getattr(norm, "use_running_average", False) is False or name == "none"
+    if hasattr(norm, "use_running_average"):
+        assert ours.norm(8, train=False, rngs=nnx.Rngs(0)).use_running_average is True
+    dense = ours.dense(6, 8, rngs=nnx.Rngs(0))
+    twin = {"Dense": "Linear", "WeightNormDense": "WeightNormLinear", "CosineDense": "CosineLinear"}
+    assert type(dense).__name__ == twin[type(linen.dense(8)).__name__]
+    assert type(ours.conv(6, 8, (3, 3), rngs=nnx.Rngs(0))).__name__ == type(linen.conv(8, (3, 3))).__name__.replace("Dense", "Linear")
+    y = norm(dense(_data((4, 6))))
+    assert y.shape == (4, 8)
+
+
+def test_registry_overrides_and_errors():
+    spec = nznnx.make("group", num_groups=2)
+    assert spec.norm(8, train=True, rngs=nnx.Rngs(0)).num_groups == 2
+    assert nznnx.make("weight", mean_only_bn=True).norm(4, train=True, rngs=nnx.Rngs(0)).__class__ is nznnx.MeanOnlyBatchNorm
+    assert nznnx.make("cosine", use_scale=True).dense(3, 2, rngs=nnx.Rngs(0)).use_scale is True
+    with pytest.raises(ValueError, match="unknown normalizer 'bach'; known names: batch"):
+        nznnx.make("bach")
+    with pytest.raises(TypeError, match=r"make\('batch'\): \['r_max'\] are not fields of BatchNorm"):
+        nznnx.make("batch", r_max=2.0)
+
+
+def test_linen_checkpoints_load_into_nnx_models_and_back():
+    class LinenNet(nn.Module):
+        @nn.compact
+        def __call__(self, x, train):
+            x = nn.Dense(8, name="fc")(x)
+            x = normzoo.BatchRenorm(use_running_average=not train, warmup_steps=0, name="norm")(x)
+            return normzoo.LayerNorm(name="out")(x)
+
+    class NnxNet(nnx.Module):
+        def __init__(self, rngs):
+            self.fc = nnx.Linear(5, 8, rngs=rngs)
+            self.norm = nznnx.BatchRenorm(8, warmup_steps=0, rngs=rngs)
+            self.out = nznnx.LayerNorm(8, rngs=rngs)
+
+        def __call__(self, x):
+            return self.out(self.norm(self.fc(x)))
+
+    x = _data((16, 5))
+    linen = LinenNet()
+    variables = linen.init(jax.random.key(0), x, train=True)
+    y0, upd = linen.apply(variables, x, train=True, mutable=["batch_stats"])
+    model = NnxNet(nnx.Rngs(1))
+    nznnx.from_linen(model, variables)
+    np.testing.assert_allclose(model(x), y0, rtol=1e-6, atol=1e-6)
+    back = nznnx.to_linen(model)
+    jax.tree.map(np.testing.assert_array_equal, back, {**variables, **upd})
+    with pytest.raises(ValueError, match=r"missing \['batch_stats/norm/steps'\], unexpected \[\]"):
+        nznnx.from_linen(model, {**variables, "batch_stats": {"norm": {k: v for k, v in variables["batch_stats"]["norm"].items() if k != "steps"}}})
+    with pytest.raises(ValueError, match=r"params/out/scale has shape \(3,\) but the module's has \(8,\)"):
+        bad = jax.tree.map(lambda a: a, variables)
+        bad["params"]["out"]["scale"] = jnp.ones(3)
+        nznnx.from_linen(model, bad)
+    with pytest.raises(ValueError, match=r"collections \['cache'\] have no nnx counterpart"):
+        nznnx.from_linen(model, {**variables, "cache": {}})
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def test_scan_over_stacked_blocks_equals_the_unrolled_blocks():
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.linear = nnx.Linear(6, 6, rngs=rngs)
+            self.bn = nznnx.BatchNorm(6, rngs=rngs)
+
+        def __call__(self, x):
+            return nnx.relu(self.bn(self.linear(x)))
+
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def stack(rngs):
+        return Block(rngs)
+
+    blocks = stack(nnx.Rngs(0))
+    x = _data((8, 6))
+    graphdef, state = nnx.split(blocks)
+    unrolled = [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(3)]
+
+    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+    def through(block, x):
+        return block(x)
+
+    y = through(blocks, x)
+    y_ref = x
+    for b in unrolled:
+        y_ref = b(y_ref)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(blocks.bn.mean[...], jnp.stack([b.bn.mean[...] for b in unrolled]), rtol=1e-6)
+
+
+def test_remat_and_jit_give_the_plain_gradients():
+    model = nznnx.GroupNorm(6, num_groups=3, scale_init=nn.initializers.normal(1.0), rngs=nnx.Rngs(0))
+    x, w = _data((2, 3, 3, 6)), _data((2, 3, 3, 6), seed=1)
+    y0, g0 = _loss_and_grads(model, x, w)
+    y1, g1 = nnx.jit(nnx.remat(_loss_and_grads))(model, x, w)
+    np.testing.assert_allclose(y1, y0, rtol=1e-6, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g1, g0)
+
+
+def test_per_example_vmap_with_axis_name_equals_the_batched_layer():
+    x = _data((16, 5), loc=3.0)
+    batched = nznnx.BatchNorm(5, momentum=0.5, rngs=nnx.Rngs(0))
+    per_example = nznnx.BatchNorm(5, momentum=0.5, axis_name="batch", rngs=nnx.Rngs(0))
+    y_ref = batched(x)
+    y = nnx.vmap(lambda m, x: m(x), in_axes=(None, 0), axis_name="batch")(per_example, x)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
+                 nnx.state(per_example, nnx.BatchStat), nnx.state(batched, nnx.BatchStat))
+
+
+def test_bridge_wraps_normzoo_layers_both_ways():
+    from flax.nnx import bridge
+
+    x = _data((8, 5), loc=2.0)
+    # linen -> nnx
+    wrapped = bridge.ToNNX(normzoo.BatchNorm(use_running_average=False), rngs=nnx.Rngs(0))
+    bridge.lazy_init(wrapped, x)
+    reference = nznnx.BatchNorm(5, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(wrapped(x, mutable=["batch_stats"]), reference(x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(wrapped.mean[...], reference.mean[...], rtol=1e-6)  # same names as ours
+    # nnx -> linen
+    as_linen = bridge.ToLinen(nznnx.LayerNorm, args=(5,))
+    variables = as_linen.init(jax.random.key(0), x)
+    np.testing.assert_allclose(as_linen.apply(variables, x), normzoo.LayerNorm().apply(
+        {"params": {"scale": jnp.ones(5), "bias": jnp.zeros(5)}}, x), rtol=1e-6, atol=1e-6)
