@@ -72,6 +72,13 @@ def build_model(config: ml_collections.ConfigDict):
         scale = config.width / 64
         kwargs["stages"] = tuple(tuple(max(1, int(w * scale)) for w in s)
                                  for s in ((64,), (128,), (256, 256), (512, 512), (512, 512)))
+    api = config.get("api", "linen")
+    if api == "nnx":
+        from examples.cifar import nnx_models  # noqa: PLC0415  (flax.nnx only when asked for)
+
+        return nnx_models.Functional(config.model, **kwargs)
+    if api != "linen":
+        raise ValueError(f"config.api={api!r} is not 'linen' or 'nnx'.")
     return models.create(config.model, **kwargs)
 
 
