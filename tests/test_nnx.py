@@ -241,7 +241,7 @@ D = 8
 
 
 @pytest.mark.skipif(jax.device_count() < D, reason="needs 8 (simulated) devices")
-@pytest.mark.parametrize("mapper", ["shard_map", "jit_sharding"])
+@pytest.mark.parametrize("mapper", ["shard_map", "pmap", "jit_sharding"])
 def test_synced_statistics_equal_the_global_batch(mapper, stats_path):
     x, w = _data((32, 4, 6), loc=1.0), _data((32, 4, 6), seed=1)
     single = nznnx.BatchNorm(6, momentum=0.7, rngs=nnx.Rngs(0))
@@ -255,6 +255,12 @@ def test_synced_statistics_equal_the_global_batch(mapper, stats_path):
         run = nnx.jit(nnx.shard_map(_loss_and_grads, mesh=mesh, in_specs=(P(), P("batch"), P("batch")),
                                     out_specs=(P("batch"), P())))
         y, g = run(synced, put(x), put(w))
+    elif mapper == "pmap":
+        synced = nznnx.BatchNorm(6, momentum=0.7, axis_name="batch", rngs=nnx.Rngs(0))
+        run = nnx.pmap(_loss_and_grads, in_axes=(nnx.StateAxes({...: None}), 0, 0), out_axes=0, axis_name="batch")
+        y, g = run(synced, x.reshape(D, -1, 4, 6), w.reshape(D, -1, 4, 6))
+        y = y.reshape(x.shape)
+        g = jax.tree.map(lambda a: a.sum(0), g)  # each device's share of the gradient of the summed loss
     else:  # no axis_name: the compiler reduces across the sharded batch
         synced = nznnx.BatchNorm(6, momentum=0.7, rngs=nnx.Rngs(0))
         y, g = nnx.jit(_loss_and_grads)(synced, put(x), put(w))
@@ -471,3 +477,17 @@ def test_bridge_wraps_normzoo_layers_both_ways():
     variables = as_linen.init(jax.random.key(0), x)
     np.testing.assert_allclose(as_linen.apply(variables, x), normzoo.LayerNorm().apply(
         {"params": {"scale": jnp.ones(5), "bias": jnp.zeros(5)}}, x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(jax.device_count() < D, reason="needs 8 (simulated) devices")
+def test_one_collective_per_synced_layer_in_the_forward_pass(stats_path):
+    from tests.test_multidevice import COLLECTIVE, count_collectives
+
+    mesh = jax.make_mesh((D,), ("batch",))
+    x = jax.device_put(_data((32, 6)), NamedSharding(mesh, P("batch")))
+    for n in (1, 2):
+        model = nnx.Sequential(*[nznnx.BatchRenorm(6, warmup_steps=0, axis_name="batch", rngs=nnx.Rngs(i))
+                                 for i in range(n)])
+        fwd = nnx.jit(nnx.shard_map(lambda m, x: m(x), mesh=mesh, in_specs=(P(), P("batch")), out_specs=P("batch")))
+        hlo = fwd.lower(model, x).compile().as_text()
+        assert count_collectives(hlo) == n, COLLECTIVE.findall(hlo)
