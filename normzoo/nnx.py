@@ -939,11 +939,11 @@ class CosineConv(_WeightLayer):
 class Identity(nnx.Module):
     """The normalizer of ``none``, ``weight`` and ``cosine``: returns ``x`` (cast to ``dtype`` if set).
 
-    Takes the other normalizers' arguments and ignores them, so a model can build any of them
-    from :func:`make` alike.
+    Built like the other normalizers (``num_features``, ``rngs``: both unused), so a model can
+    build any of them from :func:`make` alike.
     """
 
-    def __init__(self, num_features: int | None = None, *, dtype: Any = None, rngs: nnx.Rngs | None = None, **_):
+    def __init__(self, num_features: int | None = None, *, dtype: Any = None, rngs: nnx.Rngs | None = None):
         self.dtype = dtype
 
     def __call__(self, x: Array, use_running_average: bool | None = None, *, mask=None) -> Array:

@@ -217,6 +217,10 @@ def test_errors_name_the_argument_and_the_fix():
         nznnx.BatchNorm(5, virtual_batch_size=3, rngs=nnx.Rngs(0))(jnp.ones((8, 5)))
     with pytest.raises(ValueError, match=r"num_features=\(2, 3\) must give one size per feature axis"):
         nznnx.LayerNorm((2, 3), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"IBN: ratio=1.5 must lie in \[0, 1\]"):
+        nznnx.IBN(8, ratio=1.5, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'epsilon'"):
+        nznnx.Identity(4, epsilon=1e-3)
 
 
 def test_jit_grad_and_an_optimizer_step_update_params_and_statistics():
@@ -491,3 +495,17 @@ def test_one_collective_per_synced_layer_in_the_forward_pass(stats_path):
         fwd = nnx.jit(nnx.shard_map(lambda m, x: m(x), mesh=mesh, in_specs=(P(), P("batch")), out_specs=P("batch")))
         hlo = fwd.lower(model, x).compile().as_text()
         assert count_collectives(hlo) == n, COLLECTIVE.findall(hlo)
+
+
+def test_feature_axes_other_than_the_last():
+    x = _data((4, 3, 5, 6))
+    # Channels first, as flax.nnx.BatchNorm(axis=1).
+    ours, theirs = nznnx.BatchNorm(3, axis=1, rngs=nnx.Rngs(0)), nnx.BatchNorm(3, axis=1, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours.var[...], theirs.var[...], rtol=1e-5)
+    # Several feature axes: num_features gives one size per axis (flax.nnx takes an int only).
+    ln = nznnx.LayerNorm((5, 6), reduction_axes=(2, 3), feature_axes=(2, 3), rngs=nnx.Rngs(0))
+    assert ln.scale[...].shape == (5, 6)
+    linen = normzoo.LayerNorm(reduction_axes=(2, 3), feature_axes=(2, 3))
+    np.testing.assert_allclose(ln(x), linen.apply(nznnx.to_linen(ln), x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(ln(x), ref.layer_norm(np.asarray(x, np.float64), (2, 3), 1e-6), atol=1e-5)
