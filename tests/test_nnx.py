@@ -509,3 +509,26 @@ def test_feature_axes_other_than_the_last():
     linen = normzoo.LayerNorm(reduction_axes=(2, 3), feature_axes=(2, 3))
     np.testing.assert_allclose(ln(x), linen.apply(nznnx.to_linen(ln), x), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(ln(x), ref.layer_norm(np.asarray(x, np.float64), (2, 3), 1e-6), atol=1e-5)
+
+
+@pytest.mark.skipif(jax.device_count() < D, reason="needs 8 (simulated) devices")
+def test_masked_sync_weights_devices_by_their_valid_counts_and_survives_large_means():
+    x = _data((32, 6), loc=1e4, scale=1.0)
+    # Device d keeps d + 1 of its 4 rows: uneven counts, which a mean of per-device means gets wrong.
+    mask = jnp.asarray((np.arange(32) % 4)[:, None] <= (np.arange(32) // 4)[:, None] % 4)
+    mask = jnp.broadcast_to(mask, x.shape)
+    single = nznnx.BatchNorm(6, momentum=0.0, rngs=nnx.Rngs(0))
+    y_ref = single(x, mask=mask)
+    synced = nznnx.BatchNorm(6, momentum=0.0, axis_name="batch", rngs=nnx.Rngs(0))
+    mesh = jax.make_mesh((D,), ("batch",))
+    put = lambda a: jax.device_put(a, NamedSharding(mesh, P("batch")))  # noqa: E731
+    run = nnx.jit(nnx.shard_map(lambda m, x, k: m(x, mask=k), mesh=mesh, in_specs=(P(), P("batch"), P("batch")),
+                                out_specs=P("batch")))
+    y = run(synced, put(x), put(mask))
+    kept = np.asarray(x, np.float64)[np.asarray(mask[:, 0])]
+    exact = (np.asarray(x, np.float64) - kept.mean(0)) / np.sqrt(kept.var(0) + 1e-5)
+    # float32 resolves 1e4 to ~1e-3, which bounds both; a mean of device means would be off by ~0.1.
+    np.testing.assert_allclose(y, exact, atol=3e-3)
+    np.testing.assert_allclose(y_ref, exact, atol=3e-3)
+    np.testing.assert_allclose(synced.mean[...], kept.mean(0), rtol=1e-7)
+    np.testing.assert_allclose(synced.var[...], kept.var(0), rtol=1e-3)
