@@ -1,6 +1,7 @@
 """The CIFAR example's NNX models (examples/cifar/nnx_models.py) against its linen models, and
 the shared training loop with ``config.api = "nnx"``."""
 
+import json
 from collections.abc import Mapping
 
 import jax
@@ -68,9 +69,13 @@ def test_nnx_model_equals_the_linen_model_on_the_same_variables(model, norm):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    folder = input_pipeline.write_fake(tmp_path_factory.mktemp("data") / input_pipeline.FOLDER, per_file=16)
-    return input_pipeline.load(str(folder), allow_download=False, expected_per_file=16)
+def fixture_dir(tmp_path_factory):
+    return input_pipeline.write_fake(tmp_path_factory.mktemp("data") / input_pipeline.FOLDER, per_file=16)
+
+
+@pytest.fixture(scope="module")
+def data(fixture_dir):
+    return input_pipeline.load(str(fixture_dir), allow_download=False, expected_per_file=16)
 
 
 def test_training_loop_trains_the_nnx_model_with_one_config_field(data, tmp_path):
@@ -95,3 +100,55 @@ def test_unknown_api_is_refused():
     c.api = "haiku"
     with pytest.raises(ValueError, match="config.api='haiku' is not 'linen' or 'nnx'"):
         train.build_model(c)
+
+
+def test_comparison_runner_trains_each_name_with_both_apis_side_by_side(data, fixture_dir, tmp_path):
+    from examples.cifar import compare
+
+    c = get_config("tiny")
+    for k, v in dict(workdir=str(tmp_path), api="linen,nnx", norms="batch", test_subset=8, workers=2,
+                     data_dir=str(fixture_dir), expected_per_file=16).items():
+        c[k] = v
+    results = compare.run_comparison(c, data=data, progress=False)
+    assert list(results["runs"]) == ["batch (linen)", "batch (nnx)"] and not results["small_batch"]
+    for api in ("linen", "nnx"):
+        run = json.loads((tmp_path / f"batch_{api}" / "config.json").read_text())
+        assert run["api"] == api and run["norm"] == "batch"
+        s = results["runs"][f"batch ({api})"]
+        assert s["steps"] == 10 and np.isfinite(s["final_train_loss"])
+    # The same architecture: the same number of parameters.
+    assert results["runs"]["batch (linen)"]["params"] == results["runs"]["batch (nnx)"]["params"]
+    assert "| batch (nnx) |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("norm", ["batch", "weight"])
+def test_from_the_same_variables_both_apis_train_identically(norm, data):
+    """The training loop, optimizer and data are shared: only the initial draws differ between APIs."""
+    c = get_config("tiny")
+    c.norm = norm
+    linen = train.build_model(c)
+    c.api = "nnx"
+    functional = train.build_model(c)
+    tx, _ = train.make_optimizer(c, 10)
+    sample = jnp.zeros((2, 32, 32, 3))
+    variables = linen.init(jax.random.key(0), sample, train=True)  # eager: creation order kept
+    model = nnx_models.MODELS["resnet20"](**functional.kwargs, rngs=nnx.Rngs(1))
+    for kind, collection in ((nnx.Param, "params"), (nnx.BatchStat, "batch_stats")):
+        for v, a in zip(_nnx_variables(model, kind), _in_creation_order(variables.get(collection, {}))):
+            v[...] = a
+    _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    params, stats = nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+    images, labels = jnp.asarray(data.train_images[:32]), jnp.asarray(data.train_labels[:32])
+    perm = jnp.arange(32)
+    losses = {}
+    for api, m, p, s in (("linen", linen, variables["params"], variables.get("batch_stats", {})),
+                         ("nnx", functional, params, stats)):
+        state = train.TrainState(step=jnp.zeros((), jnp.int32), params=p, batch_stats=s, opt_state=tx.init(p),
+                                 key=jax.random.key_data(jax.random.key(2)))
+        step = jax.jit(train.make_train_step(m, tx, 32, 8, "flip"))
+        losses[api] = []
+        for _ in range(4):
+            state, metrics = step(state, images, labels, perm)
+            losses[api].append(float(metrics["loss"]))
+    np.testing.assert_allclose(losses["nnx"], losses["linen"], rtol=1e-6)
+    assert losses["linen"][0] != losses["linen"][-1]

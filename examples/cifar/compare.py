@@ -3,7 +3,8 @@
     python -m examples.cifar.compare --config=examples/cifar/configs/default.py:smoke
 
 Trains ``config.model`` once per name in ``config.norms`` (every name of the registry by
-default), then the small-batch experiment, and writes into ``config.workdir``:
+default; with ``config.api="linen,nnx"`` once per name and API, side by side), then the
+small-batch experiment, and writes into ``config.workdir``:
 
 * ``results.json`` and ``results.md``: normalizer, test accuracy, final train loss, images/s,
   wall time and parameter count, with the hardware, preset and versions;
@@ -37,9 +38,10 @@ import ml_collections
 import normzoo
 from examples.cifar import input_pipeline, train
 
-def _configure(base: ml_collections.ConfigDict, norm: str, steps: int) -> ml_collections.ConfigDict:
+def _configure(base: ml_collections.ConfigDict, norm: str, steps: int, api: str | None = None) -> ml_collections.ConfigDict:
     c = copy.deepcopy(base)
     c.norm = norm
+    c.api = api or base.get("api", "linen").split(",")[0]
     overrides = train.parse_overrides(c.norm_overrides)
     if norm == "batch_renorm" and "warmup_steps" not in overrides:
         # The paper relaxes r_max/d_max over a part of training; scale that part to the budget.
@@ -62,8 +64,15 @@ def run_comparison(config: ml_collections.ConfigDict, data=None, progress: bool 
     order = {n: i for i, n in enumerate(normzoo.available())}
     table_order = sorted(norms, key=lambda n: order.get(n, len(order)))
     started = time.time()
-    jobs = [(norm, _configure(config, norm, steps), workdir / norm) for norm in norms]
-    small_names = [n for n in config.small_batch_norms.split(",") if n] if config.small_batch else []
+    # config.api = "linen,nnx" trains every name with both APIs, the two runs of a name one after
+    # the other (side by side with two workers): rows "batch (linen)", "batch (nnx)".
+    apis = [a for a in config.get("api", "linen").split(",") if a]
+    both = len(apis) > 1
+    jobs = [(f"{norm} ({api})" if both else norm, _configure(config, norm, steps, api),
+             workdir / (f"{norm}_{api}" if both else norm)) for norm in norms for api in apis]
+    table_order = [f"{n} ({a})" if both else n for n in table_order for a in apis]
+    # The small-batch experiment runs with the first API.
+    small_names = [n for n in config.small_batch_norms.split(",") if n] if config.small_batch and not both else []
     for norm in small_names:
         if normzoo.make(norm).batch_statistics:
             c = _configure(config, norm, steps)

@@ -21,7 +21,8 @@ def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
     c.model = "resnet20"
     c.blocks_per_stage = 3          # residual blocks per stage: 3 is ResNet-20 (6n+2 layers)
     c.norm = "batch"                # the one field that switches the normalizer
-    c.api = "linen"                 # or "nnx": the same models written with flax.nnx (nnx_models.py)
+    c.api = "linen"                 # or "nnx" (the same models in flax.nnx, nnx_models.py); the
+                                    # comparison runner also takes "linen,nnx": both, side by side
     c.width = 16
     c.batch_size = 128
     c.eval_batch_size = 500
