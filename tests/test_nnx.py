@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 import normzoo
 from normzoo import nnx as nznnx
 from tests import reference as ref
+from tests.conftest import PATHS, forced_path, some_slow
 
 # (name, constructor keywords shared by both, input shape); flax.nnx has each of these layers.
 PAIRS = {
@@ -96,9 +97,18 @@ def _loss_and_grads(module, x, w, **call):
     return y, grads
 
 
-@pytest.mark.parametrize("name", PAIRS)
-@pytest.mark.parametrize("masked", [False, True])
-def test_outputs_statistics_and_gradients_equal_flax_nnx(name, masked, stats_path):
+# Every layer on the CPU's checked path; the shifted path (other platforms) for BatchNorm here and
+# for all in -m slow (the linen tests run every layer on both paths).
+@pytest.mark.parametrize("name,masked,path", some_slow(
+    [(n, m, p) for p in PATHS for n in PAIRS for m in (False, True)],
+    fast={(n, m, "checked") for n in PAIRS for m in (False, True)} | {("BatchNorm", m, "shifted") for m in (False, True)},
+    ids=lambda v: f"{v[0]}-{'masked' if v[1] else 'plain'}-{v[2]}"))
+def test_outputs_statistics_and_gradients_equal_flax_nnx(name, masked, path):
+    with forced_path(path):
+        _equal_flax_nnx(name, masked)
+
+
+def _equal_flax_nnx(name, masked):
     kw, shape = PAIRS[name]
     x, w = _data(shape), _data(shape, seed=1)
     call = {"mask": jnp.asarray(np.random.default_rng(2).random(shape) < 0.7)} if masked else {}
@@ -142,8 +152,15 @@ def _linen_variables(module):
     return {"params": params, **({"batch_stats": stats} if stats else {})}
 
 
-@pytest.mark.parametrize("twin", TWINS)
-def test_each_layer_equals_its_linen_twin_on_the_same_variables(twin, stats_path):
+# Both sides run the same code on the same path: the checked path here, the shifted one in -m slow.
+@pytest.mark.parametrize("twin,path", some_slow([(t, p) for p in PATHS for t in TWINS],
+                                               fast={(t, "checked") for t in TWINS}, ids=lambda v: f"{v[0]}-{v[1]}"))
+def test_each_layer_equals_its_linen_twin_on_the_same_variables(twin, path):
+    with forced_path(path):
+        _equal_linen_twin(twin)
+
+
+def _equal_linen_twin(twin):
     kw, _, shape = TWINS[twin]
     name = twin.split()[-1]
     ours = getattr(nznnx, name)(shape[-1], **kw, rngs=nnx.Rngs(0))
@@ -245,8 +262,15 @@ D = 8
 
 
 @pytest.mark.skipif(jax.device_count() < D, reason="needs 8 (simulated) devices")
-@pytest.mark.parametrize("mapper", ["shard_map", "pmap", "jit_sharding"])
-def test_synced_statistics_equal_the_global_batch(mapper, stats_path):
+@pytest.mark.parametrize("mapper,path", some_slow([(m, p) for p in PATHS for m in ("shard_map", "pmap", "jit_sharding")],
+                                                  fast={(m, "checked") for m in ("shard_map", "pmap", "jit_sharding")},
+                                                  ids=lambda v: "-".join(v)))
+def test_synced_statistics_equal_the_global_batch(mapper, path):
+    with forced_path(path):
+        _synced_equals_global(mapper)
+
+
+def _synced_equals_global(mapper):
     x, w = _data((32, 4, 6), loc=1.0), _data((32, 4, 6), seed=1)
     single = nznnx.BatchNorm(6, momentum=0.7, rngs=nnx.Rngs(0))
     y_ref, g_ref = _loss_and_grads(single, x, w)
