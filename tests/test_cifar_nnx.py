@@ -13,6 +13,7 @@ from flax import nnx
 from examples.cifar import input_pipeline, models, nnx_models, train
 from examples.cifar.configs.default import NORMS, get_config
 from tests.conftest import some_slow
+from tests.test_cifar_example import data, fixture_dir  # noqa: F401  (the tiny CIFAR files, shared)
 
 
 def _in_creation_order(tree):
@@ -67,16 +68,6 @@ def test_nnx_model_equals_the_linen_model_on_the_same_variables(model, norm):
         np.testing.assert_allclose(v[...], a, rtol=1e-6, atol=1e-6)
     ours.eval()
     np.testing.assert_allclose(ours(x), linen.apply({**variables, **upd}, x, train=False), rtol=1e-5, atol=1e-5)
-
-
-@pytest.fixture(scope="module")
-def fixture_dir(tmp_path_factory):
-    return input_pipeline.write_fake(tmp_path_factory.mktemp("data") / input_pipeline.FOLDER, per_file=16)
-
-
-@pytest.fixture(scope="module")
-def data(fixture_dir):
-    return input_pipeline.load(str(fixture_dir), allow_download=False, expected_per_file=16)
 
 
 @pytest.mark.slow  # the default run trains both APIs from the same variables (below)
