@@ -35,22 +35,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.linen import dtypes as _linen_dtypes
 from flax.nnx.nn import dtypes as _flax_dtypes
 from flax.nnx.nn import initializers
-
-from flax.linen import dtypes as _linen_dtypes
 from flax.nnx.nn.linear import default_kernel_init
-
-import inspect
-
-import flax.linen as nn
 
 from normzoo import _batch, _composite, _registry, _sample, _weight
 from normzoo._stats import AffineMap
