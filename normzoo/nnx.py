@@ -95,6 +95,8 @@ class _Scope:
     def __getattr__(self, name: str):
         if name in self._overrides:
             return self._overrides[name]
+        if name == "axis_name" and self._creating is not None:
+            return None  # construction runs outside any mapped context
         if name in self._fields:
             return getattr(self._module, name)
         method = getattr(type(self._module)._linen, name)  # a helper of the linen layer
@@ -163,7 +165,9 @@ def _placeholder(num_features, feature_axes, other_axes=(), batch: int = 1) -> A
             "pass an int for a single feature axis or a tuple of sizes."
         )
     other_axes = (other_axes,) if isinstance(other_axes, int) else tuple(other_axes or ())
-    rank = max([2] + [a + 1 if a >= 0 else -a for a in feature_axes + other_axes])
+    axes = feature_axes + other_axes
+    # Room for the positive axes, then the negative ones, none of them axis 0 unless named so.
+    rank = max(2, 1 + max([a + 1 for a in axes if a >= 0], default=0) + max([-a for a in axes if a < 0], default=0))
     shape = [1] * rank
     shape[0] = batch
     for a, n in zip(feature_axes, feature_shape):
@@ -187,7 +191,11 @@ class _Layer(nnx.Module):
         for name, value in config.items():
             setattr(self, name, value)
         # The linen code, initializing, creates the variables (flax.nnx's names and order).
-        self._run(placeholder, creating=_Creating(rngs, metadata))
+        try:
+            self._run(placeholder, creating=_Creating(rngs, metadata))
+        except ValueError as e:
+            raise type(e)(f"{e} (at construction: num_features and the axes are checked on a "
+                          f"placeholder input of shape {tuple(placeholder.shape)})") from None
         for name in self._optional:  # as flax.nnx: None where the parameter is not used
             if not hasattr(self, name):
                 setattr(self, name, nnx.data(None))
@@ -212,7 +220,12 @@ def _first_from(call, attribute, layer: str):
 
 class _BatchLayer(_Layer):
     def _run(self, x, *, use_running_average=True, mask=None, creating=None) -> AffineMap:
-        scope = self._scope(creating, {"use_running_average": None, "force_float32_reductions": True})
+        overrides = {"use_running_average": None, "force_float32_reductions": True}
+        if self.dtype is None and creating is None:
+            # flax.nnx promotes x with the (float32) running statistics and the parameters.
+            params = [v[...].dtype for v in (self.scale, self.bias) if isinstance(v, nnx.Variable)]
+            overrides["dtype"] = jnp.result_type(jnp.asarray(x).dtype, jnp.float32, *params)
+        scope = self._scope(creating, overrides)
         return self._linen._map(scope, x, use_running_average, mask)
 
     def __call__(self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None) -> Array:
@@ -475,6 +488,11 @@ class RMSNorm(_SampleLayer):
 
     _linen = _sample.RMSNorm
 
+    def __call__(self, x: Array, mask: Array | None = None) -> Array:
+        """Normalizes ``x``; ``mask`` (boolean, broadcastable; positional, as in flax.nnx.RMSNorm)
+        selects what enters the statistics."""
+        return self._run(x, mask=mask)(x)
+
     def __init__(
         self,
         num_features: int,
@@ -601,7 +619,9 @@ class InstanceNorm(_SampleLayer):
     def __call__(self, x: Array, *, mask: Array | None = None, use_running_average: bool | None = None) -> Array:
         """Normalizes ``x`` per example and channel (with ``track_running_stats``,
         ``use_running_average`` selects the running statistics, as in BatchNorm)."""
-        use_ra = self.use_running_average if use_running_average is None else use_running_average
+        use_ra = use_running_average if use_running_average is not None else self.use_running_average
+        if self.track_running_stats:
+            use_ra = _first_from(use_running_average, self.use_running_average, "InstanceNorm")
         return self._run(x, mask=mask, use_running_average=use_ra)(x)
 
     def set_view(self, use_running_average: bool | None = None):
@@ -671,7 +691,17 @@ class IBN(nnx.Module):
             axis_name=axis_name, axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance,
             virtual_batch_size=virtual_batch_size, **shared) if k < num_features else None)
         self.num_features, self.ratio, self.axis = num_features, ratio, axis
-        self.use_running_average = use_running_average
+
+    # The BatchNorm part's setting: model.eval(), nnx.view and set_attributes reach it directly
+    # or through this attribute alike.
+    @property
+    def use_running_average(self) -> bool | None:
+        return None if self.BN is None else self.BN.use_running_average
+
+    @use_running_average.setter
+    def use_running_average(self, value: bool | None) -> None:
+        if self.BN is not None:
+            self.BN.use_running_average = value
 
     def __call__(self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None) -> Array:
         """Normalizes ``x`` (arguments as :meth:`BatchNorm.__call__`)."""
@@ -680,17 +710,11 @@ class IBN(nnx.Module):
     def affine_map(self, x: Array, use_running_average: bool | None = None, *,
                    mask: Array | None = None) -> AffineMap:
         """The joined map ``__call__`` applies (same arguments; updates BN's running statistics)."""
-        use_ra = _first_from(use_running_average, self.use_running_average, "IBN")
         return _composite.ibn_map(
             x, mask, self.ratio, self.axis,
             lambda part, mask, axis: self.IN._run(part, mask=mask),
-            lambda part, mask: self.BN.affine_map(part, use_ra, mask=mask),
+            lambda part, mask: self.BN.affine_map(part, use_running_average, mask=mask),
         )
-
-    def set_view(self, use_running_average: bool | None = None):
-        """For ``nnx.view``: sets ``use_running_average``."""
-        if use_running_average is not None:
-            self.use_running_average = use_running_average
 
 
 # ----------------------------------------------------------------------------- weight family
@@ -707,9 +731,15 @@ class _WeightLayer(_Layer):
                      "init_scale": 1.0}
         return self._linen._apply(self._scope(creating, overrides), x)
 
-    def __call__(self, x: Array) -> Array:
-        """Applies the layer to ``x`` (features last)."""
-        return self._run(x)
+    def __call__(self, inputs: Array, out_sharding: Any = None) -> Array:
+        """Applies the layer to ``inputs`` (features last). ``out_sharding`` (flax.nnx's explicit-
+        sharding output spec) is not supported: leave it None."""
+        if out_sharding is not None:
+            raise ValueError(
+                f"{type(self).__name__}: out_sharding={out_sharding!r} is not supported; leave it None "
+                "and shard the result with jax.sharding.reshard if needed."
+            )
+        return self._run(inputs)
 
     def _configure(self, config, metadata, rngs, placeholder):
         if config.pop("preferred_element_type", None) is not None:
@@ -1037,6 +1067,7 @@ def from_linen(module: nnx.Module, variables: Mapping[str, Any]) -> None:
     a missing, extra or mis-shaped entry raises ``ValueError`` naming its path, so nothing
     is silently dropped or left at its initial value.
     """
+    variables = nn.meta.unbox(variables)  # partitioned (nn.with_partitioning) checkpoints load as values
     given = {}
     for collection in ("params", "batch_stats"):
         for path, leaf in jax.tree_util.tree_flatten_with_path(dict(variables.get(collection, {})))[0]:
@@ -1056,11 +1087,11 @@ def from_linen(module: nnx.Module, variables: Mapping[str, Any]) -> None:
             f"unexpected {['/'.join(p) for p in extra]}; build the nnx model with the linen model's "
             "layer names and options."
         )
-    for key, variable in expected.items():
-        value = jnp.asarray(given[key])
-        if value.shape != variable[...].shape:
+    for key, variable in expected.items():  # every shape checked before anything is written
+        if tuple(jnp.shape(given[key])) != variable[...].shape:
             raise ValueError(
-                f"from_linen: {'/'.join(key)} has shape {tuple(value.shape)} but the module's has "
+                f"from_linen: {'/'.join(key)} has shape {tuple(jnp.shape(given[key]))} but the module's has "
                 f"{tuple(variable[...].shape)}."
             )
-        variable[...] = value.astype(variable[...].dtype)
+    for key, variable in expected.items():
+        variable[...] = jnp.asarray(given[key]).astype(variable[...].dtype)

@@ -556,3 +556,81 @@ def test_masked_sync_weights_devices_by_their_valid_counts_and_survives_large_me
     np.testing.assert_allclose(y_ref, exact, atol=3e-3)
     np.testing.assert_allclose(synced.mean[...], kept.mean(0), rtol=1e-7)
     np.testing.assert_allclose(synced.var[...], kept.var(0), rtol=1e-3)
+
+
+# ----------------------------------------------------------------------------- found in review
+
+
+@pytest.mark.parametrize("name", PAIRS)
+def test_call_signature_is_flax_nnx_call_signature(name):
+    theirs = list(inspect.signature(getattr(nnx, name).__call__).parameters.values())
+    ours = list(inspect.signature(getattr(nznnx, name).__call__).parameters.values())
+    assert [(p.name, p.kind, p.default) for p in ours[: len(theirs)]] == [(p.name, p.kind, p.default) for p in theirs]
+    assert [p.name for p in ours[len(theirs):]] == (["use_running_average"] if name == "InstanceNorm" else [])
+    for ours_cls, theirs_cls in ((nznnx.WeightNormLinear, nnx.Linear), (nznnx.CosineConv, nnx.Conv)):
+        assert list(inspect.signature(ours_cls.__call__).parameters) == list(inspect.signature(theirs_cls.__call__).parameters)
+    with pytest.raises(ValueError, match="out_sharding=.* is not supported; leave it None"):
+        nznnx.WeightNormLinear(3, 2, rngs=nnx.Rngs(0))(jnp.ones((1, 3)), out_sharding=P())
+
+
+@pytest.mark.parametrize("name", PAIRS)
+def test_axis_name_layers_are_built_outside_a_mapped_context_as_in_flax_nnx(name):
+    kw, shape = PAIRS[name]
+    ours = getattr(nznnx, name)(shape[-1], **kw, axis_name="i", rngs=nnx.Rngs(0))
+    assert _state_layout(ours) == _state_layout(getattr(nnx, name)(shape[-1], **kw, axis_name="i", rngs=nnx.Rngs(0)))
+    y = nnx.vmap(lambda m, x: m(x), in_axes=(None, 0), axis_name="i")(ours, _data((2,) + shape))
+    assert y.shape == (2,) + shape
+
+
+def test_axes_counted_from_the_end_are_not_taken_for_the_batch_axis():
+    x = _data((8, 6, 3))
+    np.testing.assert_allclose(nznnx.InstanceNorm(6, feature_axes=-2, rngs=nnx.Rngs(0))(x),
+                               nnx.InstanceNorm(6, feature_axes=-2, use_fast_variance=False, rngs=nnx.Rngs(0))(x),
+                               rtol=1e-5, atol=1e-5)
+    ibn = nznnx.IBN(6, axis=-2, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(ibn(x), normzoo.IBN(axis=-2, use_running_average=False).apply(
+        nznnx.to_linen(ibn), x, mutable=["batch_stats"])[0], rtol=1e-6, atol=1e-6)
+    ghost = nznnx.BatchNorm(6, axis=-2, virtual_batch_size=4, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(ghost(x)[:4], nznnx.BatchNorm(6, axis=-2, rngs=nnx.Rngs(0))(x[:4]), rtol=1e-5, atol=1e-5)
+    ln = nznnx.LayerNorm((6, 3), feature_axes=(1, -1), reduction_axes=(1, -1), rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(ln(x), ref.layer_norm(np.asarray(x, np.float64), (1, 2), 1e-6), atol=1e-5)
+
+
+def test_output_dtype_promotes_as_flax_nnx():
+    x = _data((8, 3)).astype(jnp.bfloat16)
+    for name, kw in (("BatchNorm", {}), ("LayerNorm", {}), ("GroupNorm", {"num_groups": 3})):
+        ours = getattr(nznnx, name)(3, param_dtype=jnp.bfloat16, **kw, rngs=nnx.Rngs(0))
+        theirs = getattr(nnx, name)(3, param_dtype=jnp.bfloat16, **kw, rngs=nnx.Rngs(0))
+        assert ours(x).dtype == theirs(x).dtype, name  # BatchNorm: float32, with its float32 statistics
+    assert nznnx.BatchNorm(3, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))(x).dtype == jnp.bfloat16
+
+
+def test_ibn_follows_its_batch_norm_part_under_views_and_set_attributes():
+    class Net(nnx.Module):
+        def __init__(self):
+            self.ibn = nznnx.IBN(6, rngs=nnx.Rngs(0))
+
+    net, x = Net(), _data((4, 3, 3, 6), loc=2.0)
+    before = net.ibn.BN.mean[...]
+    nnx.view(net, only=nznnx.BatchNorm, use_running_average=True).ibn(x)
+    np.testing.assert_array_equal(net.ibn.BN.mean[...], before)
+    net.eval()
+    assert net.ibn.use_running_average is True and net.ibn.BN.use_running_average is True
+    net.ibn(x)
+    np.testing.assert_array_equal(net.ibn.BN.mean[...], before)
+    net.train()
+    net.ibn(x)
+    assert not np.allclose(net.ibn.BN.mean[...], before)
+
+
+def test_from_linen_checks_everything_before_writing_and_unboxes_partitioned_variables():
+    model = nnx.Sequential(nznnx.BatchNorm(4, rngs=nnx.Rngs(0)), nznnx.LayerNorm(4, rngs=nnx.Rngs(0)))
+    good = jax.tree.map(lambda a: a + 5, nznnx.to_linen(model))
+    bad = jax.tree.map(lambda a: a, good)
+    bad["params"]["layers"]["1"]["scale"] = jnp.ones(3)
+    with pytest.raises(ValueError, match="layers/1/scale has shape"):
+        nznnx.from_linen(model, bad)
+    np.testing.assert_array_equal(model.layers[0].mean[...], np.zeros(4))  # nothing was written
+    boxed = jax.tree.map(lambda a: nn.Partitioned(a, names=(None,) * a.ndim), good)
+    nznnx.from_linen(model, boxed)
+    np.testing.assert_array_equal(model.layers[0].mean[...], np.full(4, 5.0))
