@@ -80,6 +80,7 @@ def test_training_benchmark_runs(tmp_path, argv):
     assert "Synced BatchNorm on 8 simulated CPU devices" in (tmp_path / "training.md").read_text()
 
 
+@pytest.mark.slow  # ten compilations; the layer benchmark's smoke test runs by default
 def test_rl_benchmark_on_a_tiny_critic():
     from benchmarks import rl
 

@@ -582,6 +582,7 @@ def test_axis_name_layers_are_built_outside_a_mapped_context_as_in_flax_nnx(name
     assert y.shape == (2,) + shape
 
 
+@pytest.mark.slow  # the placeholder's rank rule; four layers built and compared
 def test_axes_counted_from_the_end_are_not_taken_for_the_batch_axis():
     x = _data((8, 6, 3))
     np.testing.assert_allclose(nznnx.InstanceNorm(6, feature_axes=-2, rngs=nnx.Rngs(0))(x),
