@@ -619,9 +619,9 @@ class InstanceNorm(_SampleLayer):
     def __call__(self, x: Array, *, mask: Array | None = None, use_running_average: bool | None = None) -> Array:
         """Normalizes ``x`` per example and channel (with ``track_running_stats``,
         ``use_running_average`` selects the running statistics, as in BatchNorm)."""
-        use_ra = use_running_average if use_running_average is not None else self.use_running_average
-        if self.track_running_stats:
-            use_ra = _first_from(use_running_average, self.use_running_average, "InstanceNorm")
+        # Without tracked statistics the shared code never reads it.
+        use_ra = (_first_from(use_running_average, self.use_running_average, "InstanceNorm")
+                  if self.track_running_stats else None)
         return self._run(x, mask=mask, use_running_average=use_ra)(x)
 
     def set_view(self, use_running_average: bool | None = None):
