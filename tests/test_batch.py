@@ -10,7 +10,7 @@ import pytest
 
 import normzoo
 from tests import reference as ref
-from tests.conftest import forced_path
+from tests.conftest import forced_path, some_slow
 
 CASES = {
     "normal": lambda r, s: r.normal(size=s) * 2.0 + 0.5,
@@ -365,8 +365,10 @@ def test_affine_map_small_mean_flag_selects_the_backward_formula():
     assert shortcut > 100 * careful
 
 
-@pytest.mark.parametrize("name,path", [("batch", "checked"), ("batch", "shifted"), ("instance", None),
-                                       ("group", None), ("layer", None)])
+# One batch and one per-example layer by default; the other path and layers in the slow run.
+@pytest.mark.parametrize("name,path", some_slow([("batch", "checked"), ("batch", "shifted"), ("instance", None),
+                                                 ("group", None), ("layer", None)],
+                                                fast={("batch", "checked"), ("instance", None)}))
 def test_forward_over_reverse_hessian_vector_product_matches_flax(name, path):
     """Forward mode works through the checked statistics (custom_jvp, lax.cond) as through flax."""
     ours, theirs = {

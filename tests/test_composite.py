@@ -70,7 +70,7 @@ def _split_reference(layer, variables, x, mask=None, **bn_kw):
     return jnp.concatenate([y_in, y_bn], -1), upd["batch_stats"]
 
 
-@pytest.mark.parametrize("extra", [{}, {"virtual_batch_size": 2}, {"masked": True}])
+@pytest.mark.parametrize("extra", [{}, pytest.param({"virtual_batch_size": 2}, marks=pytest.mark.slow), {"masked": True}])
 def test_ibn_one_pass_equals_split_definition_with_gradients(extra, stats_path):
     """The joined affine maps give the split definition's outputs, statistics and gradients."""
     x = make_input("large_mean", SHAPE, seed=3)

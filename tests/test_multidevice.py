@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 import normzoo
 from tests import reference as ref
+from tests.conftest import some_slow
 
 D = 8
 AXIS = "batch"
@@ -74,7 +75,9 @@ def _assert_same(got, want, rtol=1e-5, atol=1e-5):
     chex.assert_trees_all_close(got, want, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("name", sorted(LAYERS))
+# pmap is the legacy mapper: one batch-statistics layer and IBN by default (both renorms run
+# under shard_map and jit below), every layer in the slow run.
+@pytest.mark.parametrize("name", some_slow(sorted(LAYERS), fast={"batch", "ibn"}))
 def test_pmap_equals_global_batch(name, stats_path):
     x, w = _global_batch()
     variables, (y0, u0, gp0, gx0) = _reference(name, x, w)
@@ -134,7 +137,9 @@ def count_collectives(hlo_text):
     return len(COLLECTIVE.findall(hlo_text))
 
 
-@pytest.mark.parametrize("name,per_call", [("batch", 1), ("batch_renorm", 1), ("ibn", 1), ("sbx_batch_renorm", 1)])
+# BatchRenorm's and sbx's layer share BatchNorm's one reduction: they count in the slow run.
+@pytest.mark.parametrize("name,per_call", some_slow([("batch", 1), ("batch_renorm", 1), ("ibn", 1), ("sbx_batch_renorm", 1)],
+                                                    fast={("batch", 1), ("ibn", 1)}))
 def test_one_collective_per_synced_call_in_the_forward_pass(name, per_call, stats_path):
     x, _ = _global_batch()
     layer = LAYERS[name](axis_name=AXIS)

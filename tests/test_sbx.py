@@ -41,7 +41,7 @@ def test_fields_are_sbx_fields_in_sbx_order_with_sbx_defaults():
     assert BatchRenorm(None, -1, 0.9, 1e-2, 7).warmup_steps == 7  # positional as in sbx
 
 
-@pytest.mark.parametrize("alias", [False, True], ids=["warmup_steps", "warm_up_steps"])
+@pytest.mark.parametrize("alias", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["warmup_steps", "warm_up_steps"])
 def test_same_outputs_statistics_and_gradients_as_sbx_across_the_warmup_switch(alias, stats_path):
     ours = BatchRenorm(use_running_average=False, **({"warm_up_steps": 3} if alias else {"warmup_steps": 3}))
     theirs = SbxStyle(warmup_steps=3)
