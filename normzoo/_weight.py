@@ -191,11 +191,8 @@ def _weight_norm(mdl: nn.Module, x: Array, kernel_shape, op) -> Array:
     ``op`` applies the layer's linear map. With ``data_init``, ``init`` sets ``g`` and ``bias``
     from this batch (Salimans & Kingma sec. 3)."""
     v = _stats.param_with_shape(mdl, "v", mdl.kernel_init, kernel_shape, mdl.param_dtype, what="kernel shape")
-    mask = getattr(mdl, "mask", None)
     stats_dt = _stats.stats_dtype(jnp.result_type(v) if mdl.dtype is None else mdl.dtype)
-    vf = jnp.asarray(v, stats_dt) if mask is None else jnp.asarray(v, stats_dt) * mask
-    axes = tuple(range(len(kernel_shape) - 1))
-    direction = vf * lax.rsqrt(jnp.sum(_stats.abs_sq(vf), axes, keepdims=True) + mdl.epsilon)
+    direction = _direction(mdl, v, stats_dt)
     g_init, b_init = mdl.scale_init, mdl.bias_init
     if mdl.data_init and mdl.is_initializing():
         # Zero-mean, unit-variance pre-activations per unit on this batch.
@@ -209,6 +206,21 @@ def _weight_norm(mdl: nn.Module, x: Array, kernel_shape, op) -> Array:
     bias = _bias(mdl, b_init)
     x, kernel, bias = mdl.promote_dtype(x, direction * jnp.asarray(g, stats_dt), bias, dtype=mdl.dtype)
     return _add_bias(op(x, kernel), bias)
+
+
+def _direction(mdl: nn.Module, v: Array, stats_dt: Any) -> Array:
+    """``v / ||v||`` (masked), the norm over every kernel axis but the output one."""
+    mask = getattr(mdl, "mask", None)
+    vf = jnp.asarray(v, stats_dt) if mask is None else jnp.asarray(v, stats_dt) * mask
+    axes = tuple(range(vf.ndim - 1))
+    return vf * lax.rsqrt(jnp.sum(_stats.abs_sq(vf), axes, keepdims=True) + mdl.epsilon)
+
+
+def weight_norm_kernel(mdl: nn.Module, v: Array, g: Array) -> Array:
+    """The kernel ``g * v / ||v||`` a WeightNorm layer ``mdl`` applies, given its parameters
+    (used by ``normzoo.deploy`` to materialize it into a plain Dense / Conv kernel)."""
+    stats_dt = _stats.stats_dtype(jnp.result_type(v) if mdl.dtype is None else mdl.dtype)
+    return _direction(mdl, v, stats_dt) * jnp.asarray(g, stats_dt)
 
 
 def _cosine(mdl: nn.Module, x: Array, kernel_shape, op, patch_sumsq) -> Array:

@@ -1,0 +1,431 @@
+r"""From training to deployment, for any Flax (linen) model.
+
+* :func:`fold`: at inference a batch-statistics normalizer is one scale and one shift per
+  channel. Where its input is the direct output of a ``Dense`` / ``Conv`` / ``ConvTranspose``
+  (flax's, or normzoo's WeightNorm layers), fold it into that layer's kernel and bias:
+
+  .. math:: W' = W \cdot m,\qquad b' = (b - \mu)\, m + a
+
+  with ``m``, ``a``, ``\mu`` the normalizer's inference map ``y = (x - \mu) m + a``
+  (``m = \gamma / \sqrt{\sigma^2 + \epsilon}``, ``a = \beta``). WeightNorm's ``g v / ||v||`` is
+  materialized into a plain kernel. Every other batch-statistics normalizer becomes its
+  per-channel map; per-example normalizers (LayerNorm, GroupNorm, InstanceNorm, RMSNorm,
+  IBN's instance part, CosineNorm) stay as they are. The pairs are found from the model itself:
+  one trace with every module call intercepted.
+* :func:`precise_batch_stats` (precise BN) and :func:`adabn`: recompute the running statistics
+  with the trained parameters as the exact average of per-batch statistics over N batches,
+  on the training data or (AdaBN) on unlabeled data of a new domain.
+* :func:`from_torch` / :func:`to_torch`: PyTorch state dicts in and out (plain NumPy arrays;
+  torch is not needed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from jax import lax
+from jax.extend import core as jcore
+from jax.interpreters import ad, batching, mlir
+
+from normzoo import _stats, _weight
+from normzoo._batch import _Mapped
+from normzoo._composite import IBN
+from normzoo._sample import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
+from normzoo._stats import AffineMap
+
+__all__ = ["Folded", "adabn", "batch_statistics", "fold", "from_torch", "precise_batch_stats", "to_torch"]
+
+Array = jax.Array
+
+# ----------------------------------------------------------------------------- folding
+
+# An identity that names a value in a traced program: fold() marks every producer's output and
+# every normalizer's input, then reads off the jaxpr which normalizer consumes which output, and
+# whether anything else consumes it too (then folding would change that other use).
+_mark_p = jcore.Primitive("normzoo_deploy_mark")
+_mark_p.def_impl(lambda x, *, tag: x)
+_mark_p.def_abstract_eval(lambda x, *, tag: x)
+mlir.register_lowering(_mark_p, lambda ctx, x, *, tag: [x])
+batching.primitive_batchers[_mark_p] = lambda args, dims, *, tag: (_mark_p.bind(args[0], tag=tag), dims[0])
+ad.primitive_jvps[_mark_p] = lambda primals, tangents, *, tag: (_mark_p.bind(primals[0], tag=tag), tangents[0])
+
+_PRODUCERS = (nn.Dense, nn.Conv, nn.ConvTranspose, _weight.WeightNormDense, _weight.WeightNormConv)
+_WEIGHT_NORM = (_weight.WeightNormDense, _weight.WeightNormConv)
+_PER_EXAMPLE = (LayerNorm, GroupNorm, InstanceNorm, RMSNorm, _weight.CosineDense, _weight.CosineConv,
+                nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.InstanceNorm)
+
+
+@dataclasses.dataclass(frozen=True)
+class Folded:
+    """An inference model with its normalizers folded: the result of :func:`fold`.
+
+    Attributes:
+      model: the original module (unchanged).
+      variables: the inference variables; a folded producer holds a plain ``kernel`` and
+        ``bias``, a folded normalizer nothing, an unfolded batch-statistics normalizer its map
+        ``mean``, ``mul``, ``add`` (``y = (x - mean) * mul + add``).
+      report: one row per normalizer (and WeightNorm layer) found: ``(path, layer, status,
+        detail)``, status ``"folded"`` (detail: the producer's path), ``"materialized"``,
+        ``"affine"`` (detail: why it could not be folded) or ``"kept"`` (per-example statistics).
+      max_error: ``max |folded - original| / max |original|`` over the outputs on the sample
+        input fold() was given (both in inference mode).
+    """
+
+    model: nn.Module
+    variables: dict
+    report: tuple[tuple[str, str, str, str], ...]
+    max_error: float
+    _actions: dict = dataclasses.field(repr=False)
+    _method: Any = dataclasses.field(repr=False)
+
+    @property
+    def folded(self) -> dict[str, str]:
+        """``{normalizer path: producer path}`` of every folded pair."""
+        return {p: d for p, _, s, d in self.report if s == "folded"}
+
+    @property
+    def unfolded(self) -> dict[str, str]:
+        """``{normalizer path: reason}`` of every normalizer left in place (affine or kept)."""
+        return {p: d for p, _, s, d in self.report if s in ("affine", "kept")}
+
+    def apply(self, variables: Mapping, *args, **kwargs):
+        """``model.apply`` with the folded layers: same arguments (the inference ones)."""
+        with nn.intercept_methods(self._intercept):
+            return self.model.apply(variables, *args, method=self._method, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        """``apply(self.variables, *args, **kwargs)``."""
+        return self.apply(self.variables, *args, **kwargs)
+
+    def _intercept(self, next_fun, args, kwargs, context):
+        action = self._actions.get(context.module.path)
+        if action is None or context.method_name != action[0]:
+            return next_fun(*args, **kwargs)
+        kind, params = action[1], context.module.variables.get("params", {})
+        if kind == "plain":  # a Dense / Conv with the folded or materialized kernel
+            return action[2].apply({"params": params}, args[0])
+        if kind == "identity":
+            return jnp.asarray(args[0], action[2])
+        amap = AffineMap(params["mean"], params["mul"], params.get("add"), action[2])
+        return amap(args[0]) if kind == "affine" else amap  # "map": IBN's part, joined by IBN
+
+
+@dataclasses.dataclass
+class _Call:
+    path: tuple[str, ...]
+    module: nn.Module
+    role: str  # "producer", "batch" (flax or normzoo, one map), "ibn", "kept"
+    map: tuple | None = None  # (mean, mul, add) of a batch normalizer, IBN's batch part's
+    dtype: Any = None  # the dtype the normalizer (or IBN's batch part) returned
+    rank: int = 0  # the normalizer's input rank
+
+
+def _inference_flag(mdl, args, kwargs, path):
+    """The resolved ``use_running_average`` of a batch normalizer's call; an error if False."""
+    given = args[1] if len(args) > 1 else kwargs.get("use_running_average")
+    if not nn.merge_param("use_running_average", mdl.use_running_average, given):
+        raise ValueError(
+            f"fold: the {type(mdl).__name__} at '{'/'.join(path)}' ran in training mode "
+            "(use_running_average=False): pass fold the model's inference-mode arguments "
+            "(e.g. train=False), as for model.apply at inference."
+        )
+    return given
+
+
+def _flax_batch_norm_map(mdl: nn.BatchNorm, x: Array):
+    axes = _stats.canonicalize_axes(x.ndim, mdl.axis, argument="axis", layer="BatchNorm")
+    view = tuple(x.shape[i] if i in axes else 1 for i in range(x.ndim))
+    stats, params = mdl.variables["batch_stats"], mdl.variables.get("params", {})
+    mean = jnp.reshape(stats["mean"], view)
+    mul = lax.rsqrt(jnp.reshape(stats["var"], view) + mdl.epsilon)
+    if mdl.use_scale:
+        mul = mul * jnp.reshape(params["scale"], view)
+    add = jnp.reshape(params["bias"], view) if mdl.use_bias else None
+    return mean, mul, add
+
+
+def _discover(model, method, kwargs, mark):
+    """``(calls, fn)``: ``fn(variables, *args)`` runs the model in inference mode, recording each
+    relevant module call in ``calls`` and returning ``(outputs, [map of each batch call])``."""
+    calls: list[_Call] = []
+
+    def intercept(next_fun, args, kw, context):
+        m, name = context.module, context.method_name
+        path = m.path
+        if name == "__call__" and isinstance(m, _PRODUCERS):
+            y = next_fun(*args, **kw)
+            calls.append(_Call(path, m, "producer"))
+            return _mark_p.bind(y, tag=("out", len(calls) - 1)) if mark else y
+        if name == "affine_map" and isinstance(m, _Mapped) and isinstance(m.parent, IBN):
+            amap = next_fun(*args, **kw)  # IBN's batch part: the owner is the last IBN call
+            owner = next(c for c in reversed(calls) if c.role == "ibn" and c.path == m.parent.path)
+            owner.map, owner.dtype = (amap.mean, amap.mul, amap.add), amap.dtype
+            return amap
+        if name == "__call__" and isinstance(m, (_Mapped, nn.BatchNorm)):
+            given = _inference_flag(m, args, kw, path)
+            calls.append(_Call(path, m, "ibn" if isinstance(m, IBN) else "batch"))
+            call, x = calls[-1], args[0]
+            call.rank = jnp.ndim(x)
+            if mark:
+                x = _mark_p.bind(x, tag=("in", len(calls) - 1))
+            if isinstance(m, IBN):
+                return next_fun(x, *args[1:], **kw)
+            if isinstance(m, nn.BatchNorm):
+                y = next_fun(x, *args[1:], **kw)
+                call.map, call.dtype = _flax_batch_norm_map(m, x), y.dtype
+                return y
+            amap = m._map(x, given, kw.get("mask"))  # what __call__ applies
+            call.map, call.dtype = (amap.mean, amap.mul, amap.add), amap.dtype
+            return amap(x)
+        if name == "__call__" and isinstance(m, _PER_EXAMPLE):
+            calls.append(_Call(path, m, "kept"))
+        return next_fun(*args, **kw)
+
+    def fn(variables, *args):
+        calls.clear()
+        with nn.intercept_methods(intercept):
+            out = model.apply(variables, *args, method=method, **kwargs)
+        return out, [c.map for c in calls]
+
+    return calls, fn
+
+
+def _sub_jaxprs(params):
+    for value in params.values():
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(v, jcore.ClosedJaxpr):
+                yield v.jaxpr
+            elif isinstance(v, jcore.Jaxpr):
+                yield v
+
+
+def _consumers(closed) -> dict[int, tuple[int | None, str]]:
+    """For each normalizer-input mark: ``(producer call index or None, reason if None)``."""
+    outs, ins = {}, {}
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive is _mark_p:
+                kind, index = eqn.params["tag"]
+                if kind == "out":
+                    outs[eqn.outvars[0]] = (index, jaxpr)
+                else:
+                    ins[index] = (eqn.invars[0], jaxpr)
+            for sub in _sub_jaxprs(eqn.params):
+                walk(sub)
+
+    walk(closed.jaxpr)
+    found = {}
+    for index, (var, jaxpr) in ins.items():
+        producer = outs.get(var) if isinstance(var, jcore.Var) else None
+        if producer is None or producer[1] is not jaxpr:
+            found[index] = (None, "its input is not the direct output of a Dense/Conv/ConvTranspose")
+            continue
+        uses = sum(v is var for e in jaxpr.eqns for v in e.invars) + sum(v is var for v in jaxpr.outvars)
+        if uses != 1:
+            found[index] = (None, f"the output of its producer is also used elsewhere ({uses} uses)")
+        else:
+            found[index] = (producer[0], "")
+    return found
+
+
+def _per_channel(a, rank: int, channels: int, fill: float):
+    """A map's per-channel vector of the last axis (``fill`` where the term is absent), or None
+    if it varies along another axis."""
+    if a is None:
+        return jnp.full((channels,), fill, jnp.float32)
+    a = jnp.reshape(a, (1,) * (rank - jnp.ndim(a)) + jnp.shape(a))
+    if any(d != 1 for d in a.shape[:-1]) or a.shape[-1] not in (1, channels):
+        return None
+    return jnp.broadcast_to(jnp.reshape(a, (-1,)), (channels,))
+
+
+def _plain(m: nn.Module) -> nn.Module:
+    """The flax Dense / Conv / ConvTranspose that computes ``m`` with a plain kernel and a bias."""
+    if isinstance(m, _WEIGHT_NORM):
+        cls = nn.Dense if isinstance(m, _weight.WeightNormDense) else nn.Conv
+        fields = {f.name: getattr(m, f.name) for f in dataclasses.fields(cls) if f.name not in ("parent", "name")}
+        return cls(**{**fields, "use_bias": True})
+    return m.clone(parent=None, name=None, use_bias=True)
+
+
+def _kernel_and_bias(m: nn.Module, params: Mapping):
+    if isinstance(m, _WEIGHT_NORM):
+        kernel = _weight.weight_norm_kernel(m, params["v"], params["g"])
+    else:
+        kernel = params["kernel"]
+    return kernel, params.get("bias")
+
+
+def _out_axis(m: nn.Module) -> int:
+    return -2 if isinstance(m, nn.ConvTranspose) and m.transpose_kernel else -1
+
+
+def fold(model: nn.Module, variables: Mapping, *args, method: Callable | str | None = None, **kwargs) -> Folded:
+    r"""Folds every foldable normalizer of ``model`` into the layer before it.
+
+    Traces ``model.apply(variables, *args, method=method, **kwargs)`` once (give the inference
+    arguments, e.g. ``train=False``: a normalizer in training mode is an error) with every
+    module call intercepted, and finds each batch-statistics normalizer (flax's and normzoo's
+    BatchNorm, BatchRenorm, MeanOnlyBatchNorm, ``normzoo.sbx.BatchRenorm``, IBN's BatchNorm
+    part) whose input is the output of a flax ``Dense`` / ``Conv`` / ``ConvTranspose`` or a
+    normzoo ``WeightNormDense`` / ``WeightNormConv`` used by nothing else. Those are folded:
+
+    .. math:: W' = W \cdot m,\qquad b' = (b - \mu)\, m + a
+
+    over the producer's output channels, with the normalizer's inference map
+    ``y = (x - \mu) m + a``. WeightNorm kernels ``g v / ||v||`` are materialized. Normalizers
+    that cannot be folded (after an activation, an add, a reshape; producer output used twice;
+    statistics along another axis than the producer's channels; modules called more than once)
+    become their map (three vectors, applied as ``(x - mean) * mul + add``). Per-example
+    normalizers stay and are reported as kept.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> import normzoo
+      >>> from normzoo import deploy
+      >>> class Net(nn.Module):
+      ...   @nn.compact
+      ...   def __call__(self, x, train):
+      ...     x = normzoo.BatchNorm(use_running_average=not train)(nn.Conv(4, (3, 3))(x))
+      ...     return normzoo.BatchNorm(use_running_average=not train)(nn.relu(x))
+      >>> x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+      >>> variables = Net().init(jax.random.key(1), x, train=False)
+      >>> folded = deploy.fold(Net(), variables, x, train=False)
+      >>> folded.folded, list(folded.unfolded)
+      ({'BatchNorm_0': 'Conv_0'}, ['BatchNorm_1'])
+      >>> sorted(folded.variables['params']['Conv_0']), folded.max_error < 1e-6
+      (['bias', 'kernel'], True)
+      >>> bool(jnp.allclose(folded(x, train=False), Net().apply(variables, x, train=False), atol=1e-5))
+      True
+
+    Args:
+      model: any flax.linen Module.
+      variables: its variables (``params``, ``batch_stats``, ...).
+      *args: a sample input (shapes matter; the values give ``max_error``).
+      method: as in ``model.apply``.
+      **kwargs: the inference-mode keyword arguments of the call.
+
+    Returns:
+      A :class:`Folded`: ``.variables``, ``.apply(variables, *args, **kwargs)`` (or call it),
+      ``.report``, ``.folded``, ``.unfolded``, ``.max_error``.
+    """
+    calls, traced = _discover(model, method, kwargs, mark=True)
+    closed = jax.make_jaxpr(traced)(variables, *args)
+    shapes = calls
+    consumers = _consumers(closed)
+    _, run = _discover(model, method, kwargs, mark=False)
+    reference, maps = jax.jit(run)(variables, *args)
+    for call, value in zip(shapes, maps):
+        call.map = value
+    counts: dict[tuple, int] = {}
+    for c in shapes:
+        counts[c.path] = counts.get(c.path, 0) + 1
+
+    flat = traverse_util.flatten_dict(nn.unbox(dict(variables)))
+
+    def drop(path):
+        for key in [k for k in flat if k[1 : 1 + len(path)] == path]:
+            del flat[key]
+
+    def put(path, **arrays):
+        for k, a in arrays.items():
+            if a is not None:
+                flat[("params",) + path + (k,)] = a
+
+    actions, report, used = {}, [], set()
+    for index, c in enumerate(shapes):
+        label = "/".join(c.path)
+        kind = type(c.module).__name__
+        if c.role == "kept":
+            report.append((label, kind, "kept", "per-example statistics: nothing to fold"))
+            continue
+        if c.role == "producer":
+            continue
+        producer, reason = consumers.get(index, (None, "not traced at the top level"))
+        norm_path = c.path + ("BN",) if c.role == "ibn" else c.path
+        if c.map is None:  # IBN with ratio 1: no batch part
+            report.append((label, kind, "kept", "no batch-statistics part (ratio=1)"))
+            continue
+        mean, mul, add = c.map
+        if producer is not None:
+            p = shapes[producer]
+            channels = p.module.features
+            rank = c.rank
+            vectors = [_per_channel(a, rank, channels if c.role != "ibn" else jnp.shape(mul)[-1], f)
+                       for a, f in ((mean, 0.0), (mul, 1.0), (add, 0.0))]
+            if counts[p.path] > 1 or counts[c.path] > 1:
+                producer, reason = None, "a module called more than once (shared weights)"
+            elif c.role == "ibn" and _ibn_axis(c.module, rank) != rank - 1:
+                producer, reason = None, "IBN's channel axis is not the producer's output channels"
+            elif any(v is None for v in vectors):
+                producer, reason = None, "statistics along other axes than the producer's output channels"
+            elif p.path in used:
+                producer, reason = None, "its producer is already folded"
+        if producer is None:
+            drop(norm_path)
+            put(norm_path, mean=mean, mul=mul, add=add)
+            if c.role == "ibn":
+                actions[norm_path] = ("affine_map", "map", c.dtype)
+            else:
+                actions[c.path] = ("__call__", "affine", c.dtype)
+            report.append((label, kind, "affine", reason))
+            continue
+        p = shapes[producer]
+        used.add(p.path)
+        m_vec, a_vec, mu = vectors[1], vectors[2], vectors[0]
+        params = {k[-1]: v for k, v in flat.items() if k[:-1] == ("params",) + p.path}
+        kernel, bias = _kernel_and_bias(p.module, params)
+        f32 = jnp.promote_types(jnp.result_type(kernel), jnp.float32)
+        k32 = jnp.asarray(kernel, f32)
+        out = _out_axis(p.module) % k32.ndim
+        split = k32.shape[out] - m_vec.shape[0]  # IBN: its batch part is the last channels
+        scale = jnp.concatenate([jnp.ones((split,), f32), jnp.asarray(m_vec, f32)])
+        shift_b = jnp.zeros((k32.shape[out],), f32) if bias is None else jnp.asarray(bias, f32)
+        new_bias = jnp.concatenate([shift_b[:split], (shift_b[split:] - mu) * m_vec + a_vec])
+        view = [1] * k32.ndim
+        view[out] = -1
+        drop(p.path)
+        put(p.path, kernel=jnp.asarray(k32 * jnp.reshape(scale, view), jnp.result_type(kernel)),
+            bias=jnp.asarray(new_bias, jnp.result_type(kernel) if bias is None else jnp.result_type(bias)))
+        actions[p.path] = ("__call__", "plain", _plain(p.module))
+        drop(norm_path)
+        if c.role == "ibn":
+            shape = (1,) * (c.rank - 1) + (m_vec.shape[0],)
+            put(norm_path, mean=jnp.zeros(shape, jnp.float32), mul=jnp.ones(shape, jnp.float32))
+            actions[norm_path] = ("affine_map", "map", c.dtype)
+        else:
+            actions[c.path] = ("__call__", "identity", c.dtype)
+        report.append((label, kind, "folded", "/".join(p.path)))
+    for c in shapes:  # WeightNorm layers not folded into: materialized
+        if c.role == "producer" and isinstance(c.module, _WEIGHT_NORM) and c.path not in used:
+            if counts[c.path] > 1:
+                report.append(("/".join(c.path), type(c.module).__name__, "kept", "called more than once"))
+                continue
+            params = {k[-1]: v for k, v in flat.items() if k[:-1] == ("params",) + c.path}
+            kernel, bias = _kernel_and_bias(c.module, params)
+            drop(c.path)
+            zero = jnp.zeros((c.module.features,), jnp.result_type(params["v"]))
+            put(c.path, kernel=jnp.asarray(kernel, jnp.result_type(params["v"])), bias=zero if bias is None else bias)
+            actions[c.path] = ("__call__", "plain", _plain(c.module))
+            used.add(c.path)
+            report.append(("/".join(c.path), type(c.module).__name__, "materialized", "g * v / ||v||"))
+
+    new_variables = traverse_util.unflatten_dict(flat)
+    result = Folded(model, new_variables, tuple(report), 0.0, actions, method)
+    got = jax.jit(lambda v, *a: result.apply(v, *a, **kwargs))(new_variables, *args)
+    error = max((float(jnp.max(jnp.abs(jnp.asarray(g, jnp.float32) - jnp.asarray(r, jnp.float32))))
+                 / max(float(jnp.max(jnp.abs(jnp.asarray(r, jnp.float32)))), 1e-30)
+                 for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(reference))), default=0.0)
+    return dataclasses.replace(result, max_error=error)
+
+
+def _ibn_axis(m: IBN, rank: int) -> int:
+    return m.axis % rank
