@@ -429,3 +429,272 @@ def fold(model: nn.Module, variables: Mapping, *args, method: Callable | str | N
 
 def _ibn_axis(m: IBN, rank: int) -> int:
     return m.axis % rank
+
+
+# ----------------------------------------------------------------------------- statistics
+
+_AVERAGED = ("mean", "var")  # the running statistics re-estimated; other batch_stats stay
+
+
+def _momentum_field(mdl: nn.Module) -> bool:
+    fields = getattr(type(mdl), "__dataclass_fields__", {})
+    return "momentum" in fields and "batch_stats" in mdl.variables
+
+
+def batch_statistics(model: nn.Module, variables: Mapping, *args, method: Callable | str | None = None,
+                     **kwargs) -> dict:
+    """One batch's statistics, exactly as every running-statistics layer computes them in training.
+
+    Runs ``model.apply(variables, *args, mutable=['batch_stats'], **kwargs)`` (give the
+    training-mode arguments, e.g. ``train=True``) with the ``momentum`` of every layer that has
+    one and keeps ``batch_stats`` (flax's and normzoo's BatchNorm family, IBN, InstanceNorm with
+    running statistics, or your own flax-style layer) set to 0 for the call, so that each layer's
+    updated running statistics are this batch's statistics: its own reduction, masks, ghost
+    batches and cross-device sync (``axis_name``, or a sharded batch under ``jit``) included.
+    Each layer still normalizes as in training (BatchRenorm with its running statistics).
+    Traceable: use it inside ``jit``, ``shard_map`` or ``pmap``.
+
+    Returns:
+      A ``batch_stats`` tree shaped like ``variables['batch_stats']``.
+    """
+    trained = []
+
+    def zero_momentum(next_fun, a, kw, context):
+        m = context.module
+        if context.method_name != "__call__" or not _momentum_field(m):
+            return next_fun(*a, **kw)
+        given = a[1] if len(a) > 1 else kw.get("use_running_average")
+        if not getattr(m, "use_running_average", None) and not given:
+            trained.append(m.path)
+        momentum = m.momentum
+        object.__setattr__(m, "momentum", 0.0)  # flax modules are frozen: the field for this call only
+        try:
+            return next_fun(*a, **kw)
+        finally:
+            object.__setattr__(m, "momentum", momentum)
+
+    with nn.intercept_methods(zero_momentum):
+        _, updates = model.apply(variables, *args, method=method, mutable=["batch_stats"], **kwargs)
+    if not trained:
+        raise ValueError(
+            "batch_statistics: no layer computed batch statistics (each ran with "
+            "use_running_average=True, or none keeps batch_stats): pass the model's "
+            "training-mode arguments, e.g. train=True."
+        )
+    return updates["batch_stats"]
+
+
+def precise_batch_stats(model: nn.Module, variables: Mapping, batches: Iterable, *,
+                        statistics: Callable | None = None, method: Callable | str | None = None,
+                        **kwargs) -> dict:
+    r"""Precise BN: running statistics re-estimated as the exact average over ``batches``.
+
+    For every running mean and variance (``batch_stats`` leaves named ``mean`` and ``var``),
+
+    .. math:: \hat\mu = \frac1N \sum_{n=1}^{N} \mu_{B_n},\qquad \hat\sigma^2 = \frac1N \sum_{n=1}^{N} \sigma^2_{B_n}
+
+    with ``\mu_{B_n}, \sigma^2_{B_n}`` what the layer computes on batch ``n`` in training (see
+    :func:`batch_statistics`): the average of per-batch statistics, as fvcore's precise BN and
+    ``torch.optim.swa_utils.update_bn``, not an EMA; accumulated in float64. The parameters and
+    the other ``batch_stats`` leaves (BatchRenorm's step counter, sbx's bounds) are unchanged.
+    The statistics of batch ``n`` depend on the layers before, which normalize with batch
+    statistics as in training.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import normzoo
+      >>> from normzoo import deploy
+      >>> bn = normzoo.BatchNorm()
+      >>> batches = [jax.random.normal(jax.random.key(i), (64, 3)) * 2 + 5 for i in range(4)]
+      >>> variables = bn.init(jax.random.key(0), batches[0], use_running_average=True)
+      >>> new = deploy.precise_batch_stats(bn, variables, batches, use_running_average=False)
+      >>> mean = jnp.mean(jnp.stack([b.mean(0) for b in batches]), 0)
+      >>> bool(jnp.allclose(new['batch_stats']['mean'], mean, atol=1e-6))
+      True
+
+    Args:
+      model, variables: the trained model and its variables.
+      batches: an iterable of inputs; each item is one positional argument, or a tuple of them.
+      statistics: ``fn(variables, *batch) -> batch_stats``; default
+        ``jax.jit(batch_statistics(model, variables, *batch, method=method, **kwargs))``. Pass
+        your own to run it under ``shard_map`` or ``pmap`` (return the statistics replicated:
+        e.g. ``out_specs=P()``, or index replica 0 after ``pmap``).
+      method, **kwargs: as ``model.apply``, training mode (e.g. ``train=True``, ``rngs=``).
+
+    Returns:
+      ``variables`` with the re-estimated ``batch_stats``.
+    """
+    if statistics is None:
+        statistics = jax.jit(lambda v, *b: batch_statistics(model, v, *b, method=method, **kwargs))
+    flat_old = traverse_util.flatten_dict(dict(variables["batch_stats"]))
+    sums, count = None, 0
+    for batch in batches:
+        batch = batch if isinstance(batch, tuple) else (batch,)
+        flat = traverse_util.flatten_dict(dict(jax.device_get(statistics(variables, *batch))))
+        if set(flat) != set(flat_old):
+            raise ValueError(
+                "precise_batch_stats: the statistics of a batch have other leaves than "
+                f"variables['batch_stats'] (got {sorted(flat)}, expected {sorted(flat_old)})."
+            )
+        wide = {k: np.asarray(v, np.result_type(v.dtype, np.float64)) for k, v in flat.items() if k[-1] in _AVERAGED}
+        sums = wide if sums is None else {k: sums[k] + wide[k] for k in sums}
+        count += 1
+    if count == 0:
+        raise ValueError("precise_batch_stats: `batches` yielded no batch; give at least one.")
+    new = {k: (jnp.asarray(sums[k] / count, jnp.asarray(v).dtype) if k in sums else v) for k, v in flat_old.items()}
+    return {**variables, "batch_stats": traverse_util.unflatten_dict(new)}
+
+
+def adabn(model: nn.Module, variables: Mapping, target_batches: Iterable, **kwargs) -> dict:
+    """AdaBN (Li et al. 2016, arXiv:1603.04779): the running statistics re-estimated on unlabeled
+    data of the target domain, parameters unchanged; :func:`precise_batch_stats` on
+    ``target_batches`` (same keyword arguments)."""
+    return precise_batch_stats(model, variables, target_batches, **kwargs)
+
+
+# ----------------------------------------------------------------------------- PyTorch checkpoints
+
+# PyTorch parameter name -> (flax collection, flax name), per kind of flax layer.
+_TORCH_NORM = {"weight": ("params", "scale"), "bias": ("params", "bias"),
+               "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+_TORCH_LINEAR = {"weight": ("params", "kernel"), "bias": ("params", "bias")}
+
+
+def _torch_kernel_to_flax(w: np.ndarray) -> np.ndarray:
+    # Linear (out, in) -> (in, out); ConvNd (out, in/groups, *k) -> (*k, in/groups, out).
+    return np.transpose(w) if w.ndim == 2 else np.transpose(w, tuple(range(2, w.ndim)) + (1, 0))
+
+
+def _flax_kernel_to_torch(k: np.ndarray) -> np.ndarray:
+    return np.transpose(k) if k.ndim == 2 else np.transpose(k, (k.ndim - 1, k.ndim - 2) + tuple(range(k.ndim - 2)))
+
+
+def _variance_ratio(batch_elements, tracked, momentum):
+    """``(m_T, c)``: PyTorch's running variance averages unbiased batch variances. With every
+    batch of ``batch_elements`` values per channel, starting from 1 and ``tracked`` updates of
+    PyTorch momentum ``momentum``: ``flax = m_T + c (torch - m_T)``, ``m_T = (1 - momentum)^T``,
+    ``c = (n - 1) / n``."""
+    n = int(batch_elements)
+    if n < 2:
+        raise ValueError(f"batch_elements={batch_elements!r} must be >= 2 (values per channel per batch).")
+    return (1.0 - momentum) ** int(tracked), (n - 1) / n
+
+
+def from_torch(state_dict: Mapping[str, Any], template: Mapping, names: Mapping[str, str], *,
+               batch_elements: int | None = None, momentum: float = 0.1) -> dict:
+    """Converts a PyTorch ``state_dict`` into Flax variables shaped like ``template``.
+
+    ``names`` maps each PyTorch module prefix to the Flax module path (``'/'``-joined) it
+    becomes, e.g. ``{'conv1': 'Conv_0', 'bn1': 'BatchNorm_0', 'fc': 'Dense_0'}``. Per module:
+
+    * ``nn.Linear`` / ``nn.ConvNd`` ``weight`` -> ``kernel`` (``(out, in)`` -> ``(in, out)``,
+      ``OIHW`` -> ``HWIO``), ``bias`` -> ``bias``;
+    * ``nn.BatchNormNd`` / ``nn.LayerNorm`` / ``nn.GroupNorm`` ``weight`` -> ``scale``, ``bias``
+      -> ``bias``, ``running_mean`` / ``running_var`` -> ``batch_stats`` ``mean`` / ``var``;
+      ``num_batches_tracked`` -> ``steps`` where the layer has one (BatchRenorm), else it is
+      only read for the variance conversion.
+
+    PyTorch's running variance averages *unbiased* batch variances; flax's and normzoo's
+    average biased ones. With ``batch_elements`` (values per channel in one training batch,
+    e.g. ``N * H * W``) the stored variance is converted exactly (``num_batches_tracked``
+    updates of PyTorch's ``momentum``, 0.1 by default: flax's 0.9); without it, it is kept (both
+    estimate the same population variance; they differ by a factor ``n / (n - 1)``, and
+    inference gives PyTorch's outputs). Convert to continue training as PyTorch would have; use
+    ``momentum=0.9`` in normzoo's layers to train on as PyTorch did.
+
+    Build the Flax layers with PyTorch's settings: ``epsilon=1e-5`` for LayerNorm and
+    GroupNorm (flax's default is 1e-6; BatchNorm's 1e-5 is the same), ``momentum=0.9``.
+
+    Every PyTorch entry must land and every ``template`` leaf must be filled, with the
+    template's shape: anything else is a ValueError naming the key. The values are NumPy
+    arrays (``tensor.numpy()``); torch is not needed.
+
+    Returns:
+      Variables with ``template``'s structure and dtypes.
+    """
+    target = traverse_util.flatten_dict(nn.unbox(dict(template)))
+    out = {}
+    by_module: dict[str, dict[str, Any]] = {}
+    for key, value in state_dict.items():
+        prefix, _, leaf = key.rpartition(".")
+        if prefix not in names:
+            raise ValueError(f"from_torch: '{key}' has module prefix '{prefix}', which is not in `names`; "
+                             "map it to a Flax module path (names[prefix] = 'Module_0/...').")
+        # A copy: tensor.numpy() shares the module's buffers, which training updates in place.
+        by_module.setdefault(prefix, {})[leaf] = np.array(value, copy=True)
+    for prefix, entries in by_module.items():
+        path = tuple(p for p in names[prefix].split("/") if p)
+        is_linear = ("params",) + path + ("kernel",) in target
+        table = _TORCH_LINEAR if is_linear else _TORCH_NORM
+        tracked = entries.pop("num_batches_tracked", None)
+        for leaf, value in entries.items():
+            if leaf not in table:
+                raise ValueError(f"from_torch: '{prefix}.{leaf}' has no Flax counterpart "
+                                 f"(known: {sorted(table) + ['num_batches_tracked']}).")
+            collection, name = table[leaf]
+            key = (collection,) + path + (name,)
+            if key not in target:
+                raise ValueError(f"from_torch: '{prefix}.{leaf}' -> '{'/'.join(key)}', which the template lacks "
+                                 f"(its variables at '{names[prefix]}': "
+                                 f"{sorted('/'.join(k) for k in target if k[1:-1] == path)}).")
+            if name == "kernel":
+                value = _torch_kernel_to_flax(value)
+            if name == "var" and batch_elements is not None:
+                if tracked is None:
+                    raise ValueError(f"from_torch: converting '{prefix}.running_var' needs "
+                                     f"'{prefix}.num_batches_tracked', which the state dict lacks.")
+                m_t, c = _variance_ratio(batch_elements, tracked, momentum)
+                value = m_t + c * (value - m_t)
+            want = target[key]
+            if value.size == np.size(want) and value.shape != np.shape(want) and name in ("scale", "bias"):
+                value = value.reshape(np.shape(want))  # LayerNorm over several axes
+            if value.shape != np.shape(want):
+                raise ValueError(f"from_torch: '{prefix}.{leaf}' gives shape {value.shape} for "
+                                 f"'{'/'.join(key)}', the template has {np.shape(want)}.")
+            out[key] = jnp.asarray(value, jnp.asarray(want).dtype)
+        steps = ("batch_stats",) + path + ("steps",)
+        if tracked is not None and steps in target:
+            out[steps] = jnp.asarray(tracked, jnp.asarray(target[steps]).dtype)
+    missing = [k for k in target if k not in out]
+    if missing:
+        raise ValueError("from_torch: no PyTorch entry for the template's "
+                         + ", ".join(f"'{'/'.join(k)}'" for k in missing)
+                         + "; add its module to `names` (or check the state dict).")
+    return traverse_util.unflatten_dict(out)
+
+
+def to_torch(variables: Mapping, names: Mapping[str, str], *, num_batches_tracked: int = 0,
+             batch_elements: int | None = None, momentum: float = 0.1) -> dict[str, np.ndarray]:
+    """The inverse of :func:`from_torch`: a PyTorch ``state_dict`` of NumPy arrays
+    (``{k: torch.from_numpy(v) for k, v in ...}`` loads with ``strict=True``).
+
+    Normalizers with running statistics get ``num_batches_tracked`` (a layer's ``steps``
+    where it has one, else the argument); with ``batch_elements`` the variance is converted
+    to PyTorch's unbiased average (the inverse of :func:`from_torch`'s conversion). Every
+    variable under a mapped path must have a PyTorch name and every mapped path must exist:
+    otherwise a ValueError naming it.
+    """
+    flat = traverse_util.flatten_dict(nn.unbox(dict(variables)))
+    out = {}
+    reverse = {**{v: k for k, v in _TORCH_NORM.items()}, **{v: k for k, v in _TORCH_LINEAR.items()}}
+    for prefix, module in names.items():
+        path = tuple(p for p in module.split("/") if p)
+        entries = {k: v for k, v in flat.items() if k[1:-1] == path}
+        if not entries:
+            raise ValueError(f"to_torch: names['{prefix}'] = '{module}', a path with no variables.")
+        steps = entries.pop(("batch_stats",) + path + ("steps",), None)
+        tracked = int(num_batches_tracked if steps is None else np.asarray(steps))
+        for key, value in entries.items():
+            name = (key[0], key[-1])
+            if name not in reverse:
+                raise ValueError(f"to_torch: '{'/'.join(key)}' has no PyTorch counterpart.")
+            value = np.array(value, copy=True)
+            if name == ("params", "kernel"):
+                value = _flax_kernel_to_torch(value)
+            if name == ("batch_stats", "var") and batch_elements is not None:
+                m_t, c = _variance_ratio(batch_elements, tracked, momentum)
+                value = (m_t + (value - m_t) / c).astype(value.dtype)
+            out[f"{prefix}.{reverse[name]}"] = value
+        if ("batch_stats",) + path + ("mean",) in flat:
+            out[f"{prefix}.num_batches_tracked"] = np.asarray(tracked, np.int64)
+    return out
