@@ -317,16 +317,15 @@ def fold(model: nn.Module, variables: Mapping, *args, method: Callable | str | N
       A :class:`Folded`: ``.variables``, ``.apply(variables, *args, **kwargs)`` (or call it),
       ``.report``, ``.folded``, ``.unfolded``, ``.max_error``.
     """
+    # The structure from one marked trace; the maps' values from an unmarked, compiled run.
     calls, traced = _discover(model, method, kwargs, mark=True)
-    closed = jax.make_jaxpr(traced)(variables, *args)
-    shapes = calls
-    consumers = _consumers(closed)
+    consumers = _consumers(jax.make_jaxpr(traced)(variables, *args))
     _, run = _discover(model, method, kwargs, mark=False)
     reference, maps = jax.jit(run)(variables, *args)
-    for call, value in zip(shapes, maps):
+    for call, value in zip(calls, maps):
         call.map = value
     counts: dict[tuple, int] = {}
-    for c in shapes:
+    for c in calls:
         counts[c.path] = counts.get(c.path, 0) + 1
 
     flat = traverse_util.flatten_dict(nn.unbox(dict(variables)))
@@ -341,7 +340,7 @@ def fold(model: nn.Module, variables: Mapping, *args, method: Callable | str | N
                 flat[("params",) + path + (k,)] = a
 
     actions, report, used = {}, [], set()
-    for index, c in enumerate(shapes):
+    for index, c in enumerate(calls):
         label = "/".join(c.path)
         kind = type(c.module).__name__
         if c.role == "kept":
@@ -356,14 +355,13 @@ def fold(model: nn.Module, variables: Mapping, *args, method: Callable | str | N
             continue
         mean, mul, add = c.map
         if producer is not None:
-            p = shapes[producer]
+            p = calls[producer]
             channels = p.module.features
-            rank = c.rank
-            vectors = [_per_channel(a, rank, channels if c.role != "ibn" else jnp.shape(mul)[-1], f)
+            vectors = [_per_channel(a, c.rank, channels if c.role != "ibn" else jnp.shape(mul)[-1], f)
                        for a, f in ((mean, 0.0), (mul, 1.0), (add, 0.0))]
             if counts[p.path] > 1 or counts[c.path] > 1:
                 producer, reason = None, "a module called more than once (shared weights)"
-            elif c.role == "ibn" and _ibn_axis(c.module, rank) != rank - 1:
+            elif c.role == "ibn" and c.module.axis % c.rank != c.rank - 1:
                 producer, reason = None, "IBN's channel axis is not the producer's output channels"
             elif any(v is None for v in vectors):
                 producer, reason = None, "statistics along other axes than the producer's output channels"
@@ -378,7 +376,7 @@ def fold(model: nn.Module, variables: Mapping, *args, method: Callable | str | N
                 actions[c.path] = ("__call__", "affine", c.dtype)
             report.append((label, kind, "affine", reason))
             continue
-        p = shapes[producer]
+        p = calls[producer]
         used.add(p.path)
         m_vec, a_vec, mu = vectors[1], vectors[2], vectors[0]
         params = {k[-1]: v for k, v in flat.items() if k[:-1] == ("params",) + p.path}
@@ -404,7 +402,7 @@ def fold(model: nn.Module, variables: Mapping, *args, method: Callable | str | N
         else:
             actions[c.path] = ("__call__", "identity", c.dtype)
         report.append((label, kind, "folded", "/".join(p.path)))
-    for c in shapes:  # WeightNorm layers not folded into: materialized
+    for c in calls:  # WeightNorm layers not folded into: materialized
         if c.role == "producer" and isinstance(c.module, _WEIGHT_NORM) and c.path not in used:
             if counts[c.path] > 1:
                 report.append(("/".join(c.path), type(c.module).__name__, "kept", "called more than once"))
@@ -426,9 +424,6 @@ def fold(model: nn.Module, variables: Mapping, *args, method: Callable | str | N
                  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(reference))), default=0.0)
     return dataclasses.replace(result, max_error=error)
 
-
-def _ibn_axis(m: IBN, rank: int) -> int:
-    return m.axis % rank
 
 
 # ----------------------------------------------------------------------------- statistics

@@ -274,7 +274,7 @@ def test_precise_batch_stats_is_the_exact_average_of_per_batch_statistics(flax_s
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
-@pytest.mark.parametrize("mapper", ["jit_sharding", "shard_map"])
+@pytest.mark.parametrize("mapper", ["jit_sharding", "shard_map", pytest.param("pmap", marks=pytest.mark.slow)])
 def test_precise_batch_stats_on_8_devices_equals_one_device(mapper):
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
@@ -287,6 +287,12 @@ def test_precise_batch_stats_on_8_devices_equals_one_device(mapper):
     put = lambda a: jax.device_put(a, NamedSharding(mesh, P("batch")))  # noqa: E731
     if mapper == "jit_sharding":
         got = deploy.precise_batch_stats(model, variables, [put(b) for b in batches], train=True)
+    elif mapper == "pmap":
+        synced = TwoLayers(axis_name="batch")
+        mapped = jax.pmap(lambda v, x: deploy.batch_statistics(synced, v, x, train=True), axis_name="batch",
+                          in_axes=(None, 0))
+        stats = lambda v, x: jax.tree.map(lambda a: a[0], mapped(v, x.reshape((8, -1) + x.shape[1:])))  # noqa: E731
+        got = deploy.precise_batch_stats(synced, variables, batches, statistics=stats)
     else:
         synced = TwoLayers(axis_name="batch")
         stats = jax.jit(jax.shard_map(lambda v, x: deploy.batch_statistics(synced, v, x, train=True),
@@ -495,3 +501,58 @@ def test_serialization_round_trips_and_a_resumed_run_continues_identically(tmp_p
     for x in xs[3:]:
         resumed = step(resumed, x)
     jax.tree.map(np.testing.assert_array_equal, resumed, straight)
+
+
+# ----------------------------------------------------------------------------- the CIFAR example
+
+
+def test_corruptions_are_deterministic_and_do_what_they_say():
+    from examples.cifar.deploy import CORRUPTIONS, corrupt
+
+    images = np.asarray(RNG.integers(40, 216, size=(6, 32, 32, 3)), np.uint8)
+    x = images.astype(np.float64) / 255
+    for name in CORRUPTIONS:
+        out = [corrupt(images, name, s) for s in (1, 2, 3)]
+        assert all(o.dtype == np.uint8 and o.shape == images.shape for o in out)
+        np.testing.assert_array_equal(out[0], corrupt(images, name, 1))  # same images twice
+        change = [np.abs(o.astype(np.float64) / 255 - x).mean() for o in out]
+        assert 0 < change[0] < change[1] < change[2], (name, change)  # severity orders the shift
+    brighter = corrupt(images, "brightness", 2).astype(np.float64) / 255
+    np.testing.assert_allclose(brighter, np.clip(x + 0.2, 0, 1), atol=0.5 / 255 + 1e-9)
+    flat = corrupt(images, "contrast", 3).astype(np.float64) / 255
+    np.testing.assert_allclose(flat.std(axis=(1, 2, 3)), 0.25 * x.std(axis=(1, 2, 3)), rtol=0.02)
+    blurred = corrupt(images, "blur", 3).astype(np.float64) / 255
+    np.testing.assert_allclose(blurred.mean(), x.mean(), atol=2e-3)  # a blur keeps the mean
+    assert np.abs(np.diff(blurred, axis=1)).mean() < 0.5 * np.abs(np.diff(x, axis=1)).mean()
+    with pytest.raises(ValueError, match=r"unknown corruption 'fog'"):
+        corrupt(images, "fog", 1)
+
+
+@pytest.mark.slow
+def test_deploy_example_on_a_fixture(tmp_path):
+    import json
+
+    from examples.cifar import deploy as example
+    from examples.cifar import input_pipeline, train
+    from examples.cifar.configs.default import get_config
+    from flax import serialization
+
+    data_dir = input_pipeline.write_fake(tmp_path / "data" / input_pipeline.FOLDER, per_file=16)
+    for norm in ("batch", "ibn", "group"):
+        config = get_config("tiny")
+        config.norm = norm
+        model = train.build_model(config)
+        v = _randomize(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False), seed=9)
+        run = tmp_path / "runs" / norm
+        run.mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps(config.to_dict()))
+        (run / "variables.msgpack").write_bytes(serialization.to_bytes({"params": v["params"], "batch_stats": v.get("batch_stats", {})}))
+    example.main([f"--workdir={tmp_path / 'runs'}", f"--data_dir={data_dir}", "--expected_per_file=16",
+                  "--precise-batches=3", "--batch=8", f"--out={tmp_path / 'out'}", "--no-progress"])
+    result = json.loads((tmp_path / "out" / "deploy.json").read_text())
+    assert sorted(result["runs"]) == ["batch", "ibn"]  # group has no batch statistics
+    for o in result["runs"].values():
+        assert o["folded"]["predictions_differ"] == 0 and o["folded"]["accuracy"] == o["ema"]
+        assert len(o["corruptions"]) == 12 and all(0 <= c["adabn"] <= 1 for c in o["corruptions"].values())
+    assert "| batch |" in (tmp_path / "out" / "deploy.md").read_text()
+    assert (tmp_path / "out" / "adabn.png").stat().st_size > 0
