@@ -38,9 +38,9 @@ def _run(model, variables, x, train):
     return model.apply(variables, x, train=train, mutable=["batch_stats"])
 
 
-# A batch-statistics name and a weight-side one by default; every name in the slow run (the NNX
-# and CIFAR tests run IBN, GroupNorm and the others in whole models too).
-@pytest.mark.parametrize("name", some_slow(normzoo.available(), fast={"batch", "cosine"}))
+# A batch-statistics name by default; every name in the slow run (the NNX, CIFAR and deployment
+# tests run the others in whole models too).
+@pytest.mark.parametrize("name", some_slow(normzoo.available(), fast={"batch"}))
 def test_every_registry_name_in_a_model(name, batch):
     """jit == eager, finite non-zero gradients, bf16 in gives bf16 out with float32 variables
     and statistics, and eval_shape agrees with init: one model per name."""
