@@ -583,7 +583,10 @@ def from_torch(state_dict: Mapping[str, Any], template: Mapping, names: Mapping[
     becomes, e.g. ``{'conv1': 'Conv_0', 'bn1': 'BatchNorm_0', 'fc': 'Dense_0'}``. Per module:
 
     * ``nn.Linear`` / ``nn.ConvNd`` ``weight`` -> ``kernel`` (``(out, in)`` -> ``(in, out)``,
-      ``OIHW`` -> ``HWIO``), ``bias`` -> ``bias``;
+      ``OIHW`` -> ``HWIO``), ``bias`` -> ``bias``; not ``nn.ConvTransposeNd``, whose weight is
+      ``(in, out, *k)`` and whose kernel is flipped relative to flax's ``ConvTranspose``: a state
+      dict cannot say which it holds, so leave those modules out of ``names`` and convert them
+      yourself;
     * ``nn.BatchNormNd`` / ``nn.LayerNorm`` / ``nn.GroupNorm`` ``weight`` -> ``scale``, ``bias``
       -> ``bias``, ``running_mean`` / ``running_var`` -> ``batch_stats`` ``mean`` / ``var``;
       ``num_batches_tracked`` -> ``steps`` where the layer has one (BatchRenorm), else it is

@@ -102,3 +102,13 @@ def test_rl_benchmark_on_a_tiny_critic():
     md = rl.to_markdown(result)
     assert md.count("\n| ") == 4 and "256 -> 8 -> 8 -> 1, batch 4" in md
     json.dumps(result)
+
+
+@pytest.mark.slow
+def test_deploy_benchmark_runs(tmp_path):
+    from benchmarks import deploy
+
+    deploy.main(["--rounds=1", "--batches=1", "--norms=batch", "--models=resnet20", f"--out={tmp_path}"])
+    (row,) = json.loads((tmp_path / "deploy.json").read_text())["rows"]
+    assert row["folded_layers"] == 19 and row["statuses"] == ["folded"] and row["max_error"] < 1e-5
+    assert row["folded"]["ms"] > 0 and "| resnet20 | batch | 1 |" in (tmp_path / "deploy.md").read_text()
