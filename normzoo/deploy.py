@@ -56,6 +56,7 @@ mlir.register_lowering(_mark_p, lambda ctx, x, *, tag: [x])
 batching.primitive_batchers[_mark_p] = lambda args, dims, *, tag: (_mark_p.bind(args[0], tag=tag), dims[0])
 ad.primitive_jvps[_mark_p] = lambda primals, tangents, *, tag: (_mark_p.bind(primals[0], tag=tag), tangents[0])
 
+_MAX_ERROR = 1e-3  # fold() refuses a result further than this from the model (float32 rounding: ~1e-6)
 _PRODUCERS = (nn.Dense, nn.Conv, nn.ConvTranspose, _weight.WeightNormDense, _weight.WeightNormConv)
 _WEIGHT_NORM = (_weight.WeightNormDense, _weight.WeightNormConv)
 _PER_EXAMPLE = (LayerNorm, GroupNorm, InstanceNorm, RMSNorm, _weight.CosineDense, _weight.CosineConv,
@@ -252,7 +253,7 @@ def _plain(m: nn.Module) -> nn.Module:
     if isinstance(m, _WEIGHT_NORM):
         cls = nn.Dense if isinstance(m, _weight.WeightNormDense) else nn.Conv
         fields = {f.name: getattr(m, f.name) for f in dataclasses.fields(cls) if f.name not in ("parent", "name")}
-        return cls(**{**fields, "use_bias": True})
+        return cls(**{**fields, "use_bias": True, **({"mask": None} if "mask" in fields else {})})  # mask is in the kernel
     return m.clone(parent=None, name=None, use_bias=True)
 
 
@@ -321,7 +322,14 @@ def fold(model: nn.Module, variables: Mapping, *args, method: Callable | str | N
     calls, traced = _discover(model, method, kwargs, mark=True)
     consumers = _consumers(jax.make_jaxpr(traced)(variables, *args))
     _, run = _discover(model, method, kwargs, mark=False)
-    reference, maps = jax.jit(run)(variables, *args)
+    try:
+        reference, maps = jax.jit(run)(variables, *args)
+    except jax.errors.UnexpectedTracerError as e:
+        raise ValueError(
+            "fold: a normalizer or producer runs inside a lifted transform (nn.remat, nn.jit, nn.scan, "
+            "nn.vmap ...), whose traced values fold cannot read out; build the inference model without "
+            "the transform (the variables are the same) and fold that."
+        ) from e
     for call, value in zip(calls, maps):
         call.map = value
     counts: dict[tuple, int] = {}
@@ -353,14 +361,17 @@ def fold(model: nn.Module, variables: Mapping, *args, method: Callable | str | N
         if c.map is None:  # IBN with ratio 1: no batch part
             report.append((label, kind, "kept", "no batch-statistics part (ratio=1)"))
             continue
+        if counts[c.path] > 1:  # one map per call (e.g. inputs of different ranks): leave it as it is
+            report.append((label, kind, "kept", "called more than once (shared weights): one map per call"))
+            continue
         mean, mul, add = c.map
         if producer is not None:
             p = calls[producer]
             channels = p.module.features
             vectors = [_per_channel(a, c.rank, channels if c.role != "ibn" else jnp.shape(mul)[-1], f)
                        for a, f in ((mean, 0.0), (mul, 1.0), (add, 0.0))]
-            if counts[p.path] > 1 or counts[c.path] > 1:
-                producer, reason = None, "a module called more than once (shared weights)"
+            if counts[p.path] > 1:
+                producer, reason = None, "its producer is called more than once (shared weights)"
             elif c.role == "ibn" and c.module.axis % c.rank != c.rank - 1:
                 producer, reason = None, "IBN's channel axis is not the producer's output channels"
             elif any(v is None for v in vectors):
@@ -419,9 +430,19 @@ def fold(model: nn.Module, variables: Mapping, *args, method: Callable | str | N
     new_variables = traverse_util.unflatten_dict(flat)
     result = Folded(model, new_variables, tuple(report), 0.0, actions, method)
     got = jax.jit(lambda v, *a: result.apply(v, *a, **kwargs))(new_variables, *args)
-    error = max((float(jnp.max(jnp.abs(jnp.asarray(g, jnp.float32) - jnp.asarray(r, jnp.float32))))
-                 / max(float(jnp.max(jnp.abs(jnp.asarray(r, jnp.float32)))), 1e-30)
-                 for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(reference))), default=0.0)
+    if jax.tree.map(jnp.shape, got) != jax.tree.map(jnp.shape, reference):
+        error = float("inf")
+    else:
+        error = max((float(jnp.max(jnp.abs(jnp.asarray(g, jnp.float32) - jnp.asarray(r, jnp.float32))))
+                     / max(float(jnp.max(jnp.abs(jnp.asarray(r, jnp.float32)))), 1e-30)
+                     for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(reference))), default=0.0)
+    if not error <= _MAX_ERROR:
+        raise ValueError(
+            f"fold: the folded model's outputs differ from the model's on the sample input (max relative "
+            f"error {error:.3g}, or other shapes): something reads a folded layer other than through "
+            "its output (tied weights, a producer's kernel used elsewhere?). Folded pairs: "
+            f"{dict((p, d) for p, _, st, d in report if st == 'folded')}."
+        )
     return dataclasses.replace(result, max_error=error)
 
 
@@ -433,7 +454,7 @@ _AVERAGED = ("mean", "var")  # the running statistics re-estimated; other batch_
 
 def _momentum_field(mdl: nn.Module) -> bool:
     fields = getattr(type(mdl), "__dataclass_fields__", {})
-    return "momentum" in fields and "batch_stats" in mdl.variables
+    return "momentum" in fields and "use_running_average" in fields and "batch_stats" in mdl.variables
 
 
 def batch_statistics(model: nn.Module, variables: Mapping, *args, method: Callable | str | None = None,
@@ -456,7 +477,7 @@ def batch_statistics(model: nn.Module, variables: Mapping, *args, method: Callab
 
     def zero_momentum(next_fun, a, kw, context):
         m = context.module
-        if context.method_name != "__call__" or not _momentum_field(m):
+        if context.method_name not in ("__call__", "affine_map") or not _momentum_field(m):
             return next_fun(*a, **kw)
         given = a[1] if len(a) > 1 else kw.get("use_running_average")
         if not getattr(m, "use_running_average", None) and not given:
@@ -644,11 +665,10 @@ def from_torch(state_dict: Mapping[str, Any], template: Mapping, names: Mapping[
                 m_t, c = _variance_ratio(batch_elements, tracked, momentum)
                 value = m_t + c * (value - m_t)
             want = target[key]
-            if value.size == np.size(want) and value.shape != np.shape(want) and name in ("scale", "bias"):
-                value = value.reshape(np.shape(want))  # LayerNorm over several axes
             if value.shape != np.shape(want):
                 raise ValueError(f"from_torch: '{prefix}.{leaf}' gives shape {value.shape} for "
-                                 f"'{'/'.join(key)}', the template has {np.shape(want)}.")
+                                 f"'{'/'.join(key)}', the template has {np.shape(want)} (a LayerNorm over "
+                                 "several axes is (C, H, W) in PyTorch and (H, W, C) in Flax: transpose it yourself).")
             out[key] = jnp.asarray(value, jnp.asarray(want).dtype)
         steps = ("batch_stats",) + path + ("steps",)
         if tracked is not None and steps in target:
@@ -661,14 +681,17 @@ def from_torch(state_dict: Mapping[str, Any], template: Mapping, names: Mapping[
     return traverse_util.unflatten_dict(out)
 
 
-def to_torch(variables: Mapping, names: Mapping[str, str], *, num_batches_tracked: int = 0,
+def to_torch(variables: Mapping, names: Mapping[str, str], *, num_batches_tracked: int | None = None,
              batch_elements: int | None = None, momentum: float = 0.1) -> dict[str, np.ndarray]:
     """The inverse of :func:`from_torch`: a PyTorch ``state_dict`` of NumPy arrays
     (``{k: torch.from_numpy(v) for k, v in ...}`` loads with ``strict=True``).
 
     Normalizers with running statistics get ``num_batches_tracked`` (a layer's ``steps``
-    where it has one, else the argument); with ``batch_elements`` the variance is converted
-    to PyTorch's unbiased average (the inverse of :func:`from_torch`'s conversion). Every
+    where it has one, else the argument, else 0); with ``batch_elements`` the variance is
+    converted to PyTorch's unbiased average (the inverse of :func:`from_torch`'s conversion,
+    which needs the number of updates). That conversion assumes an EMA from 1 over batches of
+    ``batch_elements`` values per channel, the same for every layer: not for statistics from
+    :func:`precise_batch_stats`, and only approximately where layers see different resolutions. Every
     variable under a mapped path must have a PyTorch name and every mapped path must exist:
     otherwise a ValueError naming it.
     """
@@ -681,7 +704,11 @@ def to_torch(variables: Mapping, names: Mapping[str, str], *, num_batches_tracke
         if not entries:
             raise ValueError(f"to_torch: names['{prefix}'] = '{module}', a path with no variables.")
         steps = entries.pop(("batch_stats",) + path + ("steps",), None)
-        tracked = int(num_batches_tracked if steps is None else np.asarray(steps))
+        has_var = ("batch_stats",) + path + ("var",) in entries
+        if has_var and steps is None and num_batches_tracked is None and batch_elements is not None:
+            raise ValueError(f"to_torch: converting the variance of '{module}' needs its number of "
+                             "updates: pass num_batches_tracked (it has no steps counter).")
+        tracked = int(np.asarray(steps) if steps is not None else num_batches_tracked or 0)
         for key, value in entries.items():
             name = (key[0], key[-1])
             if name not in reverse:

@@ -149,18 +149,43 @@ def test_fold_reports_what_it_folded_and_why_not():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
 
 
-def test_a_shared_module_is_not_folded():
+def test_shared_modules_are_not_folded():
     class Shared(nn.Module):
         @nn.compact
         def __call__(self, x):
             conv, bn = nn.Conv(3, (3, 3)), normzoo.BatchNorm(use_running_average=True)
-            return bn(conv(bn(conv(x))))
+            y = bn(conv(bn(conv(x))))
+            return y, bn(y.mean((1, 2)))  # the same BatchNorm on another rank: a map per call
 
     x = jnp.asarray(RNG.normal(size=(2, 5, 5, 3)), jnp.float32)
     v = _randomize(Shared().init(jax.random.key(0), x))
     folded = deploy.fold(Shared(), v, x)
-    assert folded.report == (("BatchNorm_0", "BatchNorm", "affine", "a module called more than once (shared weights)"),) * 2
-    np.testing.assert_allclose(folded(x), Shared().apply(v, x), rtol=1e-5, atol=1e-6)
+    assert folded.report == (("BatchNorm_0", "BatchNorm", "kept", "called more than once (shared weights): one map per call"),) * 3
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), folded(x), Shared().apply(v, x))
+
+
+def test_fold_refuses_what_it_cannot_see():
+    class Tied(nn.Module):  # the Dense kernel is read again, not through the layer's output
+        @nn.compact
+        def __call__(self, x):
+            dense = nn.Dense(3)
+            y = normzoo.BatchNorm(use_running_average=True)(dense(x))
+            return y + x @ dense.variables["params"]["kernel"]
+
+    x = jnp.asarray(RNG.normal(size=(4, 3)), jnp.float32)
+    v = _randomize(Tied().init(jax.random.key(0), x))
+    with pytest.raises(ValueError, match=r"fold: the folded model's outputs differ from the model's on the sample "
+                                         r"input .*tied weights.*Folded pairs: \{'BatchNorm_0': 'Dense_0'\}"):
+        deploy.fold(Tied(), v, x)
+
+    class Remat(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.remat(Pair)("Dense", "BatchNorm")(x)
+
+    v = _randomize(Remat().init(jax.random.key(0), x))
+    with pytest.raises(ValueError, match=r"fold: a normalizer or producer runs inside a lifted transform \(nn.remat"):
+        deploy.fold(Remat(), v, x)
 
 
 def test_fold_in_training_mode_is_an_error():
@@ -321,6 +346,19 @@ def test_adabn_on_a_shifted_domain_has_the_known_answer():
     np.testing.assert_allclose(after.std(0), 1, atol=0.03)
 
 
+def test_batch_statistics_of_a_layer_used_through_affine_map():
+    class Mapped(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool):
+            return normzoo.BatchNorm(use_running_average=not train, name="b").affine_map(x)(x)
+
+    x = jnp.asarray(RNG.normal(7, 3, size=(64, 2)), jnp.float32)
+    v = Mapped().init(jax.random.key(0), x, train=False)
+    stats = deploy.batch_statistics(Mapped(), v, x, train=True)["b"]
+    np.testing.assert_allclose(stats["mean"], np.asarray(x).mean(0), rtol=1e-6)
+    np.testing.assert_allclose(stats["var"], np.asarray(x).var(0), rtol=1e-5)
+
+
 def test_statistics_errors():
     model = TwoLayers()
     x = jnp.ones((4, 5))
@@ -454,6 +492,9 @@ def test_pytorch_conversion_errors_name_the_key():
     with pytest.raises(ValueError, match=r"from_torch: converting '1.running_var' needs '1.num_batches_tracked'"):
         deploy.from_torch({k: v for k, v in state.items() if k != "1.num_batches_tracked"}, template, NAMES,
                           batch_elements=10)
+    with pytest.raises(ValueError, match=r"to_torch: converting the variance of 'bn' needs its number of updates: "
+                                         r"pass num_batches_tracked"):
+        deploy.to_torch(template, NAMES, batch_elements=10)
     with pytest.raises(ValueError, match=r"to_torch: names\['5'\] = 'nowhere', a path with no variables"):
         deploy.to_torch(template, {**NAMES, "5": "nowhere"})
 

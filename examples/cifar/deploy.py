@@ -75,7 +75,9 @@ def corrupt(images: np.ndarray, name: str, severity: int) -> np.ndarray:
 
 
 def _batches(images: np.ndarray, batch: int, limit: int | None = None):
-    starts = range(0, len(images) - batch + 1, batch)
+    # Full batches only (a short last batch would weigh as much as a full one in the average);
+    # fewer images than one batch: one batch of all of them.
+    starts = range(0, max(len(images) - batch, 0) + 1, batch)
     for i, start in enumerate(starts):
         if limit is not None and i >= limit:
             return
@@ -97,7 +99,7 @@ def evaluate_run(run_dir: Path, data, precise_batches: int, batch: int, progress
     predict = jax.jit(lambda v, x: model.apply(v, x, train=False))
     stats = jax.jit(lambda v, x: deploy.batch_statistics(model, v, x, train=True))
     test_x, test_y = data.test_images, data.test_labels
-    out = {"norm": config.norm, "model": config.model, "ema": accuracy(predict, variables, test_x, test_y)}
+    out = {"norm": config.norm, "model": config.model, "preset": config.get("preset", "?"), "ema": accuracy(predict, variables, test_x, test_y)}
     # Precise BN on the training images (no augmentation), fixed order.
     precise = deploy.precise_batch_stats(model, variables, _batches(data.train_images, batch, precise_batches),
                                          statistics=stats)
@@ -126,8 +128,9 @@ def evaluate_run(run_dir: Path, data, precise_batches: int, batch: int, progress
 
 def to_markdown(r: dict) -> str:
     runs = r["runs"]
+    models = sorted({f"{o['model']} ({o['preset']} preset)" for o in runs.values()})
     lines = [f"CIFAR-10 test set ({r['test_images']} images), runs from `{r['workdir']}` "
-             f"(ResNet-20, the smoke preset); precise BN over {r['precise_batches']} batches of {r['batch']} "
+             f"({', '.join(models)}); precise BN over {r['precise_batches']} batches of {r['batch']} "
              "training images; AdaBN over the corrupted test images in batches of "
              f"{r['batch']} (no labels).", "",
              "| run | test acc. (EMA statistics) | test acc. (precise BN) | folded: test acc. | folded: predictions changed |",
