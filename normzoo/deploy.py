@@ -152,9 +152,10 @@ def _flax_batch_norm_map(mdl: nn.BatchNorm, x: Array):
     return mean, mul, add
 
 
-def _discover(model, method, kwargs, mark):
+def _discover(model, method, kwargs):
     """``(calls, fn)``: ``fn(variables, *args)`` runs the model in inference mode, recording each
-    relevant module call in ``calls`` and returning ``(outputs, [map of each batch call])``."""
+    relevant module call in ``calls`` and returning ``(outputs, [map of each batch call])``; each
+    producer's output and each normalizer's input carry a mark (an identity) in its program."""
     calls: list[_Call] = []
 
     def intercept(next_fun, args, kw, context):
@@ -163,7 +164,7 @@ def _discover(model, method, kwargs, mark):
         if name == "__call__" and isinstance(m, _PRODUCERS):
             y = next_fun(*args, **kw)
             calls.append(_Call(path, m, "producer"))
-            return _mark_p.bind(y, tag=("out", len(calls) - 1)) if mark else y
+            return _mark_p.bind(y, tag=("out", len(calls) - 1))
         if name == "affine_map" and isinstance(m, _Mapped) and isinstance(m.parent, IBN):
             amap = next_fun(*args, **kw)  # IBN's batch part: the owner is the last IBN call
             owner = next(c for c in reversed(calls) if c.role == "ibn" and c.path == m.parent.path)
@@ -174,8 +175,7 @@ def _discover(model, method, kwargs, mark):
             calls.append(_Call(path, m, "ibn" if isinstance(m, IBN) else "batch"))
             call, x = calls[-1], args[0]
             call.rank = jnp.ndim(x)
-            if mark:
-                x = _mark_p.bind(x, tag=("in", len(calls) - 1))
+            x = _mark_p.bind(x, tag=("in", len(calls) - 1))
             if isinstance(m, IBN):
                 return next_fun(x, *args[1:], **kw)
             if isinstance(m, nn.BatchNorm):
@@ -318,12 +318,12 @@ def fold(model: nn.Module, variables: Mapping, *args, method: Callable | str | N
       A :class:`Folded`: ``.variables``, ``.apply(variables, *args, **kwargs)`` (or call it),
       ``.report``, ``.folded``, ``.unfolded``, ``.max_error``.
     """
-    # The structure from one marked trace; the maps' values from an unmarked, compiled run.
-    calls, traced = _discover(model, method, kwargs, mark=True)
-    consumers = _consumers(jax.make_jaxpr(traced)(variables, *args))
-    _, run = _discover(model, method, kwargs, mark=False)
+    # The marked program gives the structure, its run the maps' values (a plain jitted call: the
+    # one that reports tracers leaking out of a lifted transform).
+    calls, traced = _discover(model, method, kwargs)
     try:
-        reference, maps = jax.jit(run)(variables, *args)
+        consumers = _consumers(jax.make_jaxpr(traced)(variables, *args))
+        reference, maps = jax.jit(traced)(variables, *args)
     except jax.errors.UnexpectedTracerError as e:
         raise ValueError(
             "fold: a normalizer or producer runs inside a lifted transform (nn.remat, nn.jit, nn.scan, "
@@ -346,6 +346,15 @@ def fold(model: nn.Module, variables: Mapping, *args, method: Callable | str | N
         for k, a in arrays.items():
             if a is not None:
                 flat[("params",) + path + (k,)] = a
+
+    def params_at(path):
+        return {k[-1]: v for k, v in flat.items() if k[:-1] == ("params",) + path}
+
+    def make_plain(c, kernel, bias):  # the producer becomes a plain Dense / Conv
+        drop(c.path)
+        put(c.path, kernel=kernel, bias=bias)
+        actions[c.path] = ("__call__", "plain", _plain(c.module))
+        used.add(c.path)
 
     actions, report, used = {}, [], set()
     for index, c in enumerate(calls):
@@ -388,10 +397,8 @@ def fold(model: nn.Module, variables: Mapping, *args, method: Callable | str | N
             report.append((label, kind, "affine", reason))
             continue
         p = calls[producer]
-        used.add(p.path)
         m_vec, a_vec, mu = vectors[1], vectors[2], vectors[0]
-        params = {k[-1]: v for k, v in flat.items() if k[:-1] == ("params",) + p.path}
-        kernel, bias = _kernel_and_bias(p.module, params)
+        kernel, bias = _kernel_and_bias(p.module, params_at(p.path))
         f32 = jnp.promote_types(jnp.result_type(kernel), jnp.float32)
         k32 = jnp.asarray(kernel, f32)
         out = _out_axis(p.module) % k32.ndim
@@ -401,10 +408,8 @@ def fold(model: nn.Module, variables: Mapping, *args, method: Callable | str | N
         new_bias = jnp.concatenate([shift_b[:split], (shift_b[split:] - mu) * m_vec + a_vec])
         view = [1] * k32.ndim
         view[out] = -1
-        drop(p.path)
-        put(p.path, kernel=jnp.asarray(k32 * jnp.reshape(scale, view), jnp.result_type(kernel)),
-            bias=jnp.asarray(new_bias, jnp.result_type(kernel) if bias is None else jnp.result_type(bias)))
-        actions[p.path] = ("__call__", "plain", _plain(p.module))
+        make_plain(p, jnp.asarray(k32 * jnp.reshape(scale, view), jnp.result_type(kernel)),
+                   jnp.asarray(new_bias, jnp.result_type(kernel) if bias is None else jnp.result_type(bias)))
         drop(norm_path)
         if c.role == "ibn":
             shape = (1,) * (c.rank - 1) + (m_vec.shape[0],)
@@ -418,13 +423,10 @@ def fold(model: nn.Module, variables: Mapping, *args, method: Callable | str | N
             if counts[c.path] > 1:
                 report.append(("/".join(c.path), type(c.module).__name__, "kept", "called more than once"))
                 continue
-            params = {k[-1]: v for k, v in flat.items() if k[:-1] == ("params",) + c.path}
+            params = params_at(c.path)
             kernel, bias = _kernel_and_bias(c.module, params)
-            drop(c.path)
-            zero = jnp.zeros((c.module.features,), jnp.result_type(params["v"]))
-            put(c.path, kernel=jnp.asarray(kernel, jnp.result_type(params["v"])), bias=zero if bias is None else bias)
-            actions[c.path] = ("__call__", "plain", _plain(c.module))
-            used.add(c.path)
+            dtype = jnp.result_type(params["v"])
+            make_plain(c, jnp.asarray(kernel, dtype), jnp.zeros((c.module.features,), dtype) if bias is None else bias)
             report.append(("/".join(c.path), type(c.module).__name__, "materialized", "g * v / ||v||"))
 
     new_variables = traverse_util.unflatten_dict(flat)

@@ -36,6 +36,11 @@ def _randomize(variables, seed=0):
 
 # ----------------------------------------------------------------------------- folding
 
+
+def _assert_folded_equal(got, want):
+    """Within 1e-5 relative, the absolute part scaled by the largest output."""
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+
 PRODUCERS = {
     "Dense": lambda bias: nn.Dense(6, use_bias=bias),
     "Conv": lambda bias: nn.Conv(6, (3, 3), use_bias=bias),
@@ -85,7 +90,7 @@ def test_fold_each_producer_and_normalizer(producer, normalizer, bias):
     assert "batch_stats" not in folded.variables
     x2 = jnp.asarray(RNG.normal(size=x.shape), jnp.float32)  # not the input fold() saw
     want, got = model.apply(variables, x2), folded(x2)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+    _assert_folded_equal(got, want)
     assert folded.max_error < 1e-5
 
 
@@ -143,10 +148,10 @@ def test_fold_reports_what_it_folded_and_why_not():
     assert sorted(params["head"]) == ["bias", "kernel"]
     x2 = jnp.asarray(RNG.normal(size=x.shape), jnp.float32)
     want = model.apply(variables, x2)
-    np.testing.assert_allclose(folded(x2), want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+    _assert_folded_equal(folded(x2), want)
     # Under jit, with the folded variables passed in as arguments.
     got = jax.jit(lambda v, x: folded.apply(v, x))(folded.variables, x2)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+    _assert_folded_equal(got, want)
 
 
 def test_shared_modules_are_not_folded():
@@ -240,7 +245,7 @@ def test_fold_cifar_models_every_registry_name(model_name, norm):
         assert "batch_stats" not in folded.variables
     x2 = jnp.asarray(RNG.normal(size=x.shape), jnp.float32)
     want = model.apply(variables, x2, train=False)
-    np.testing.assert_allclose(folded(x2, train=False), want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+    _assert_folded_equal(folded(x2, train=False), want)
 
 
 # ----------------------------------------------------------------------------- precise BN, AdaBN

@@ -84,12 +84,14 @@ def _batches(images: np.ndarray, batch: int, limit: int | None = None):
         yield input_pipeline.standardize(jnp.asarray(images[start:start + batch]))
 
 
+def predictions(predict, variables, images, batch=500) -> np.ndarray:
+    """The predicted class of every image."""
+    return np.concatenate([np.asarray(jnp.argmax(predict(variables, input_pipeline.standardize(
+        jnp.asarray(images[start:start + batch]))), -1)) for start in range(0, len(images), batch)])
+
+
 def accuracy(predict, variables, images, labels, batch=500) -> float:
-    correct = 0
-    for start in range(0, len(images), batch):
-        logits = predict(variables, input_pipeline.standardize(jnp.asarray(images[start:start + batch])))
-        correct += int(jnp.sum(jnp.argmax(logits, -1) == jnp.asarray(labels[start:start + batch])))
-    return correct / len(images)
+    return float(np.mean(predictions(predict, variables, images, batch) == labels))
 
 
 def evaluate_run(run_dir: Path, data, precise_batches: int, batch: int, progress: bool) -> dict:
@@ -99,7 +101,9 @@ def evaluate_run(run_dir: Path, data, precise_batches: int, batch: int, progress
     predict = jax.jit(lambda v, x: model.apply(v, x, train=False))
     stats = jax.jit(lambda v, x: deploy.batch_statistics(model, v, x, train=True))
     test_x, test_y = data.test_images, data.test_labels
-    out = {"norm": config.norm, "model": config.model, "preset": config.get("preset", "?"), "ema": accuracy(predict, variables, test_x, test_y)}
+    unfolded = predictions(predict, variables, test_x)
+    out = {"norm": config.norm, "model": config.model, "preset": config.get("preset", "?"),
+           "ema": float(np.mean(unfolded == test_y))}
     # Precise BN on the training images (no augmentation), fixed order.
     precise = deploy.precise_batch_stats(model, variables, _batches(data.train_images, batch, precise_batches),
                                          statistics=stats)
@@ -108,11 +112,9 @@ def evaluate_run(run_dir: Path, data, precise_batches: int, batch: int, progress
     # Folding: same predictions?
     folded = deploy.fold(model, variables, input_pipeline.standardize(jnp.asarray(test_x[:8])), train=False)
     fast = jax.jit(lambda v, x: folded.apply(v, x, train=False))
-    differ = 0
-    for start in range(0, len(test_x), 500):
-        x = input_pipeline.standardize(jnp.asarray(test_x[start:start + 500]))
-        differ += int(jnp.sum(jnp.argmax(predict(variables, x), -1) != jnp.argmax(fast(folded.variables, x), -1)))
-    out["folded"] = {"accuracy": accuracy(fast, folded.variables, test_x, test_y), "predictions_differ": differ,
+    folded_predictions = predictions(fast, folded.variables, test_x)
+    out["folded"] = {"accuracy": float(np.mean(folded_predictions == test_y)),
+                     "predictions_differ": int(np.sum(folded_predictions != unfolded)),
                      "layers_folded": len(folded.folded), "max_error": folded.max_error}
     # Corruptions: before and after AdaBN on the corrupted test set itself (unlabeled).
     out["corruptions"] = {}
