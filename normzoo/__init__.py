@@ -1,6 +1,6 @@
 """normzoo: normalization layers for Flax, numerically safe and synced across devices."""
 
-from normzoo._batch import BatchNorm, BatchRenorm, MeanOnlyBatchNorm
+from normzoo._batch import BatchNorm, BatchRenorm, LpBatchNorm, MeanOnlyBatchNorm, NoisyBatchNorm
 from normzoo._composite import IBN
 from normzoo._registry import Identity, Normalizer, available, make
 from normzoo._sample import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
@@ -20,7 +20,9 @@ __all__ = [
     "Identity",
     "InstanceNorm",
     "LayerNorm",
+    "LpBatchNorm",
     "MeanOnlyBatchNorm",
+    "NoisyBatchNorm",
     "Normalizer",
     "RMSNorm",
     "WeightNormConv",

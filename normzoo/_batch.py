@@ -8,6 +8,7 @@ update. ``__call__`` applies that map to ``x``; IBN and deployment code call
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from typing import Any, NamedTuple
 
@@ -258,12 +259,17 @@ class BatchNorm(_BatchFields):
         if use_ra:
             mean, var = running.mean.value, running.var.value
         else:
-            (mean, var), batch = _batch_moments(self, x, layout, mask)
+            (mean, var), batch = self._moments(x, layout, mask)
             running.update(self, batch, self._nominal_dtype(x))
         return AffineMap.normalizing(
             x, layout.expand(mean), layout.expand(lax.rsqrt(var + self.epsilon)),
             scale=scale, bias=bias, dtype=self.dtype,
         )
+
+    @nn.nowrap
+    def _moments(self, x: Array, layout: _Layout, mask: Array | None):
+        # The batch's mean and spread; LpBatchNorm measures the spread differently.
+        return _batch_moments(self, x, layout, mask)
 
 
 class BatchRenorm(_BatchFields):
@@ -430,3 +436,194 @@ class MeanOnlyBatchNorm(_BatchFields):
         return AffineMap.normalizing(
             x, mean, jnp.ones(mean.shape, jnp.real(mean).dtype), scale=scale, bias=bias, dtype=self.dtype
         )
+
+
+
+class NoisyBatchNorm(BatchNorm):
+    r"""BatchNorm followed by noise that shifts every activation's distribution at every step
+    ("noisy" BatchNorm of Santurkar et al. 2018, arXiv:1805.11604, sec. 2.1).
+
+    In training each feature ``j`` (channel) draws, at every call, the parameters of its
+    noise, ``\mu_j \sim U(-\mathrm{shift\_range}, \mathrm{shift\_range})`` and ``\sigma_j \sim
+    U(\mathrm{scale\_range})``; then every activation ``i`` (example and position) of that
+    feature draws a scale and a shift around them:
+
+    .. math::
+        s_{ij} \sim \mathcal{N}(\sigma_j, w^2), \quad m_{ij} \sim U(\mu_j - w, \mu_j + w), \quad
+        y_{ij} = s_{ij}\, \mathrm{BN}(x)_{ij} + m_{ij}
+
+    with ``w = noise_width`` and ``BN`` :class:`BatchNorm` (its scale and bias included). The
+    distribution of each activation is thus non-zero-mean, non-unit-variance and different at
+    every step: a deliberate covariate shift, which the paper shows BatchNorm networks train
+    through. The defaults (0.5, (1, 1.25), 0.1) are the paper's appendix constants. Keys come
+    from the Flax rng stream ``rng_collection`` (``"noise"``): ``model.apply(...,
+    rngs={"noise": key})``. The noise is not drawn with ``use_running_average=True``
+    (inference is BatchNorm's) nor by ``init``; the running statistics are those of the input,
+    before the noise.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import normzoo
+      >>> x = jax.random.normal(jax.random.key(0), (512, 4))
+      >>> layer = normzoo.NoisyBatchNorm(use_running_average=False)
+      >>> variables = layer.init(jax.random.key(1), x)
+      >>> y, _ = layer.apply(variables, x, rngs={"noise": jax.random.key(2)}, mutable=["batch_stats"])
+      >>> bool(jnp.any(jnp.abs(y.mean(0)) > 0.05))  # shifted on purpose
+      True
+
+    Attributes:
+      shift_range: (keyword-only) ``\mu_j`` is drawn from ``U(-shift_range, shift_range)``.
+      scale_range: (keyword-only) ``(low, high)``: ``\sigma_j`` is drawn from ``U(low, high)``.
+      noise_width: (keyword-only) ``w``: the standard deviation of ``s_{ij}`` and the
+        half-width of ``m_{ij}``'s interval.
+      rng_collection: (keyword-only) the rng stream of the noise (as ``flax.linen.Dropout``).
+      (all other fields): as :class:`BatchNorm`, in the same order.
+    """
+
+    shift_range: float = dataclasses.field(default=0.5, kw_only=True)
+    scale_range: tuple[float, float] = dataclasses.field(default=(1.0, 1.25), kw_only=True)
+    noise_width: float = dataclasses.field(default=0.1, kw_only=True)
+    rng_collection: str = dataclasses.field(default="noise", kw_only=True)
+
+    @nn.nowrap
+    def _map(self, x: Array, use_running_average: bool | None, mask: Array | None) -> AffineMap:
+        amap = BatchNorm._map(self, x, use_running_average, mask)
+        use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        if use_ra or self.is_initializing():
+            return amap
+        low, high = self._check_noise()
+        layout = _layout(self, x)
+        k_mu, k_sigma, k_scale, k_shift = jax.random.split(self.make_rng(self.rng_collection), 4)
+        real = jnp.real(amap.mul).dtype
+        mu = jnp.reshape(jax.random.uniform(k_mu, layout.shape, real, -self.shift_range, self.shift_range), layout.view)
+        sigma = jnp.reshape(jax.random.uniform(k_sigma, layout.shape, real, low, high), layout.view)
+        w = self.noise_width
+        scale = sigma + w * jax.random.normal(k_scale, x.shape, real)
+        shift = mu + jax.random.uniform(k_shift, x.shape, real, -w, w)
+        return amap.then(scale, shift)
+
+    @nn.nowrap
+    def _check_noise(self) -> tuple[float, float]:
+        try:
+            low, high = (float(v) for v in self.scale_range)
+        except (TypeError, ValueError):
+            low = high = math.nan
+        if not low <= high:
+            raise ValueError(
+                f"NoisyBatchNorm: scale_range={self.scale_range!r} must be a pair (low, high) with "
+                "low <= high, e.g. (1.0, 1.25)."
+            )
+        for name in ("shift_range", "noise_width"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"NoisyBatchNorm: {name}={getattr(self, name)!r} must be >= 0.")
+        return low, high
+
+# Each Lp deviation times this constant is the standard deviation for Gaussian data:
+# E|x - mu| = sigma * sqrt(2 / pi). The maximum has no such constant (it grows with the
+# batch, like sigma * sqrt(2 ln n)); it is used as it is.
+_LP_SCALE = {1: math.sqrt(math.pi / 2), 2: 1.0, math.inf: 1.0}
+
+
+class LpBatchNorm(BatchNorm):
+    r"""Batch normalization by the batch's Lp deviation (Santurkar et al. 2018, arXiv:1805.11604, sec. 3.3).
+
+    Centred by the batch mean ``\mu_B`` and divided by a deviation ``s_p`` of the batch
+    (over every axis except ``axis``):
+
+    .. math::
+        s_1 = \sqrt{\pi/2}\; \mathrm{E}\,|x - \mu_B|, \qquad
+        s_2 = \sqrt{\mathrm{E}\,|x - \mu_B|^2}, \qquad
+        s_\infty = \max |x - \mu_B|
+
+    .. math:: y = \gamma \frac{x - \mu_B}{\sqrt{s_p^2 + \epsilon}} + \beta
+
+    ``s_1`` is scaled so that it equals the standard deviation for Gaussian data; ``s_2`` is
+    the standard deviation (``p=2`` is :class:`BatchNorm`); ``s_\infty`` is the largest
+    deviation, unscaled, so L∞ outputs lie in [-1, 1] before ``scale`` and ``bias``. The
+    running averages keep ``batch_stats/mean`` and ``batch_stats/var = s_p^2`` (BatchNorm's
+    variables and update rule), and inference uses them as BatchNorm does, so the layer
+    folds, converts and checkpoints like BatchNorm.
+
+    With ``axis_name`` the statistics are those of the union of the devices' batches (masks
+    count-weighted): ``p=2`` and ``p=inf`` with one collective (each device's count, mean,
+    M2, maximum and minimum: ``s_\infty = \max(\max x - \mu, \mu - \min x)``); ``p=1`` needs
+    two, because the mean absolute deviation about the global mean cannot be assembled from
+    per-device summaries: the first gives the mean, the second the absolute deviations.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import normzoo
+      >>> x = jax.random.normal(jax.random.key(0), (256, 3)) * 2.0 + 1e4
+      >>> layer = normzoo.LpBatchNorm(p=1, use_running_average=False)
+      >>> y, updates = layer.init_with_output(jax.random.key(1), x)
+      >>> bool(abs(float(y.std()) - 1.0) < 0.1), float(abs(y).max() < 5)
+      (True, 1.0)
+
+    Attributes:
+      p: (keyword-only) 1, 2 or ``math.inf`` (also accepted: the string ``"inf"``).
+      (all other fields): as :class:`BatchNorm`, in the same order. ``virtual_batch_size``
+        needs ``p=2``; complex inputs too.
+    """
+
+    p: float | str = dataclasses.field(default=2, kw_only=True)
+
+    @nn.nowrap
+    def _order(self) -> float:
+        p = math.inf if self.p in ("inf", "Inf") else self.p
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or p not in _LP_SCALE:
+            raise ValueError(
+                f"LpBatchNorm: p={self.p!r} must be 1, 2 or math.inf ('inf'): the L1 (mean "
+                "absolute deviation), L2 (standard deviation) or L-infinity (maximum) deviation."
+            )
+        return p
+
+    @nn.nowrap
+    def _moments(self, x: Array, layout: _Layout, mask: Array | None):
+        p = self._order()
+        if p == 2:
+            return _batch_moments(self, x, layout, mask)
+        if layout.ghosts is not None:
+            raise ValueError(
+                f"LpBatchNorm: virtual_batch_size={self.virtual_batch_size!r} needs p=2, got p={self.p!r}; "
+                "leave virtual_batch_size=None for the L1 and L-infinity deviations."
+            )
+        if jnp.iscomplexobj(x):
+            raise TypeError(
+                f"LpBatchNorm: a complex input (dtype {x.dtype}) needs p=2, got p={self.p!r}; the "
+                "L1 and L-infinity deviations are defined here for real inputs only."
+            )
+        dev, (count, mean) = _lp_deviation(self, x, layout.reduce, mask, p)
+        var = jnp.square(dev * _LP_SCALE[p])
+        return (mean, var), (mean, var, count > 0)
+
+
+def _lp_deviation(mdl: LpBatchNorm, x: Array, axes: tuple[int, ...], mask: Array | None, p: float):
+    """``(s, (count, mean))``: the L1 mean absolute deviation or the L∞ maximum deviation about
+    the batch mean, over ``axes`` and across ``axis_name``; 0 where no element is valid."""
+    layer = type(mdl).__name__
+    mask = _stats.check_mask(mask, x, layer=layer)
+    axis_name = None if mdl.is_initializing() else mdl.axis_name
+    groups = mdl.axis_index_groups
+    x = jnp.asarray(x, _stats.stats_dtype(x.dtype, mdl.dtype))
+    count, mean, m2 = _stats.local_moments(x, axes, mask, True)
+    if p == 1:
+        if axis_name is not None:  # first collective: the mean of the union
+            count, mean, _ = _stats.synced_moments(x, axes, mask=mask, axis_name=axis_name,
+                                                    axis_index_groups=groups, layer=layer)
+        spread = jnp.abs(x - jnp.expand_dims(mean, axes))
+        _, dev, _ = _stats.synced_moments(spread, axes, mask=mask, axis_name=axis_name,
+                                          axis_index_groups=groups, layer=layer)
+        return dev, (count, mean)
+    valid = jnp.ones(x.shape, bool) if mask is None else mask
+    hi = jnp.max(jnp.where(valid, x, -jnp.inf), axes)
+    lo = jnp.min(jnp.where(valid, x, jnp.inf), axes)
+    if axis_name is not None:  # one collective: every device's count, mean, M2, max and min
+        stacked, member = _stats.gather_all(jnp.stack([count, mean, m2, hi, lo]), axis_name, groups, layer=layer)
+        n_i = stacked[:, 0]
+        if member is not None:
+            n_i = jnp.where(jnp.reshape(member, (-1,) + (1,) * (n_i.ndim - 1)), n_i, 0)
+        count, mean, _ = _stats.combine_moments(n_i, stacked[:, 1], jnp.where(n_i > 0, stacked[:, 2], 0))
+        hi = jnp.max(jnp.where(n_i > 0, stacked[:, 3], -jnp.inf), 0)
+        lo = jnp.min(jnp.where(n_i > 0, stacked[:, 4], jnp.inf), 0)
+    dev = jnp.maximum(hi - mean, mean - lo)
+    return jnp.where(count > 0, dev, 0.0), (count, mean)

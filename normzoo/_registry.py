@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from normzoo._batch import BatchNorm, BatchRenorm, MeanOnlyBatchNorm
+from normzoo._batch import BatchNorm, BatchRenorm, LpBatchNorm, MeanOnlyBatchNorm, NoisyBatchNorm
 from normzoo._composite import IBN
 from normzoo._sample import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from normzoo._weight import CosineConv, CosineDense, WeightNormConv, WeightNormDense
@@ -92,6 +93,12 @@ _TABLE: dict[str, _Entry] = {
     "cosine": _Entry(Identity, dense=CosineDense, conv=CosineConv, configures="linear"),
     "ibn": _Entry(IBN, late_norm=BatchNorm),
     "none": _Entry(Identity),
+    # Santurkar et al. 2018's variants: BatchNorm plus a deliberate covariate shift (needs the
+    # rng stream "noise"), and normalization by the L1 / L2 / L-infinity deviation.
+    "noisy_batch": _Entry(NoisyBatchNorm),
+    "l1_batch": _Entry(LpBatchNorm, {"p": 1}),
+    "l2_batch": _Entry(LpBatchNorm, {"p": 2}),
+    "linf_batch": _Entry(LpBatchNorm, {"p": math.inf}),
 }
 
 

@@ -626,6 +626,11 @@ class AffineMap:
     def __call__(self, x: Array) -> Array:
         return _apply_map(x, self, _forced_path)
 
+    def then(self, mul: Array, add: Array) -> AffineMap:
+        """This map followed by ``y * mul + add`` (both broadcast against ``x``)."""
+        shift = add if self.add is None else self.add * mul + add
+        return AffineMap(self.mean, self.mul * mul, shift, self.dtype, None)
+
 
     def join(self, other: AffineMap, axis: int, rank: int, split: int, size: int) -> AffineMap:
         """This map on channels ``[:split]`` of ``axis`` and ``other`` on ``[split:size]``.

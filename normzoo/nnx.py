@@ -55,7 +55,7 @@ from normzoo._stats import AffineMap
 Array = jax.Array
 
 __all__ = ["BatchNorm", "BatchRenorm", "CosineConv", "CosineLinear", "GroupNorm", "IBN", "Identity", "InstanceNorm",
-           "LayerNorm", "MeanOnlyBatchNorm", "RMSNorm", "WeightNormConv", "WeightNormLinear", "from_linen",
+           "LayerNorm", "LpBatchNorm", "MeanOnlyBatchNorm", "NoisyBatchNorm", "RMSNorm", "WeightNormConv", "WeightNormLinear", "from_linen",
            "make", "to_linen"]
 
 
@@ -104,6 +104,15 @@ class _Scope:
 
     def is_initializing(self) -> bool:
         return self._creating is not None
+
+    def make_rng(self, name: str):
+        stream = getattr(self._module, "rngs", None)
+        if stream is None:
+            raise ValueError(
+                f"{type(self._module).__name__}: no rng stream {name!r} to draw the noise from; build the "
+                f"layer with rngs=nnx.Rngs(params=..., {name}=...) (or nnx.Rngs(0))."
+            )
+        return stream()
 
     def has_variable(self, collection: str, name: str) -> bool:
         return isinstance(getattr(self._module, name, None), _KIND[collection])
@@ -407,6 +416,113 @@ class MeanOnlyBatchNorm(_BatchLayer):
         config = {k: v for k, v in locals().items() if k not in _NOT_CONFIG}
         self._configure(config, {"bias": bias_metadata, "scale": scale_metadata}, rngs,
                         _placeholder(num_features, axis, batch=virtual_batch_size or 1))
+
+
+class LpBatchNorm(_BatchLayer):
+    r"""Batch normalization by the batch's L1, L2 or L∞ deviation (Santurkar et al. 2018) as an ``nnx.Module``.
+
+    .. math:: y = \gamma \frac{x - \mu_B}{\sqrt{s_p^2 + \epsilon}} + \beta
+
+    with ``s_1 = sqrt(pi/2) E|x - mu_B|``, ``s_2`` the standard deviation, ``s_inf = max |x - mu_B|``;
+    the arithmetic, running statistics (``mean``, ``var = s_p^2``) and sync are
+    :class:`normzoo.LpBatchNorm`'s. Arguments: those of :class:`BatchNorm`, then ``p``.
+
+    Example:
+      >>> import jax
+      >>> from flax import nnx
+      >>> from normzoo import nnx as nznnx
+      >>> layer = nznnx.LpBatchNorm(3, p=1, rngs=nnx.Rngs(0))
+      >>> layer(jax.random.normal(jax.random.key(0), (64, 3))).shape
+      (64, 3)
+    """
+
+    _linen = _batch.LpBatchNorm
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        use_running_average: bool | None = False,
+        axis: int = -1,
+        momentum: float = 0.99,
+        epsilon: float = 1e-5,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Any = initializers.zeros_init(),
+        scale_init: Any = initializers.ones_init(),
+        axis_name: str | None = None,
+        axis_index_groups: Any = None,
+        use_fast_variance: bool = True,
+        promote_dtype: Any = _flax_dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+        virtual_batch_size: int | None = None,
+        p: float | str = 2,
+    ):
+        config = {k: v for k, v in locals().items() if k not in _NOT_CONFIG}
+        self._configure(config, {"bias": bias_metadata, "scale": scale_metadata}, rngs,
+                        _placeholder(num_features, axis, batch=virtual_batch_size or 1))
+
+
+class NoisyBatchNorm(_BatchLayer):
+    r"""BatchNorm followed by per-activation noise whose distribution changes every step
+    (Santurkar et al. 2018's "noisy" BatchNorm) as an ``nnx.Module``.
+
+    .. math:: y_{ij} = s_{ij}\, \mathrm{BN}(x)_{ij} + m_{ij}, \quad s_{ij} \sim \mathcal{N}(\sigma_j, w^2),
+        \ m_{ij} \sim U(\mu_j - w, \mu_j + w)
+
+    with ``mu_j``, ``sigma_j`` drawn per feature at every call; :class:`normzoo.NoisyBatchNorm`
+    documents every field. Arguments: those of :class:`BatchNorm`, then ``shift_range``,
+    ``scale_range``, ``noise_width``, ``rng_collection``. The keys come from the stream
+    ``rngs[rng_collection]`` given at construction (forked, as ``nnx.Dropout`` does; without
+    such a stream, ``rngs``' default one); no noise with ``use_running_average``.
+
+    Example:
+      >>> import jax
+      >>> from flax import nnx
+      >>> from normzoo import nnx as nznnx
+      >>> layer = nznnx.NoisyBatchNorm(4, rngs=nnx.Rngs(params=0, noise=1))
+      >>> y1, y2 = (layer(jax.random.normal(jax.random.key(0), (8, 4))) for _ in range(2))
+      >>> bool((y1 != y2).any())  # new noise at every call
+      True
+    """
+
+    _linen = _batch.NoisyBatchNorm
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        use_running_average: bool | None = False,
+        axis: int = -1,
+        momentum: float = 0.99,
+        epsilon: float = 1e-5,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Any = initializers.zeros_init(),
+        scale_init: Any = initializers.ones_init(),
+        axis_name: str | None = None,
+        axis_index_groups: Any = None,
+        use_fast_variance: bool = True,
+        promote_dtype: Any = _flax_dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+        virtual_batch_size: int | None = None,
+        shift_range: float = 0.5,
+        scale_range: tuple[float, float] = (1.0, 1.25),
+        noise_width: float = 0.1,
+        rng_collection: str = "noise",
+    ):
+        config = {k: v for k, v in locals().items() if k not in _NOT_CONFIG}
+        self._configure(config, {"bias": bias_metadata, "scale": scale_metadata}, rngs,
+                        _placeholder(num_features, axis, batch=virtual_batch_size or 1))
+        self.rngs = rngs[rng_collection].fork()
 
 
 # ----------------------------------------------------------------------------- per-sample family
@@ -979,6 +1095,7 @@ class Identity(nnx.Module):
 
 _TWINS = {
     _batch.BatchNorm: BatchNorm, _batch.BatchRenorm: BatchRenorm, _batch.MeanOnlyBatchNorm: MeanOnlyBatchNorm,
+    _batch.LpBatchNorm: LpBatchNorm, _batch.NoisyBatchNorm: NoisyBatchNorm,
     _sample.LayerNorm: LayerNorm, _sample.RMSNorm: RMSNorm, _sample.GroupNorm: GroupNorm,
     _sample.InstanceNorm: InstanceNorm, _composite.IBN: IBN, _registry.Identity: Identity,
     nn.Dense: nnx.Linear, nn.Conv: nnx.Conv, _weight.WeightNormDense: WeightNormLinear,

@@ -7,7 +7,8 @@ import pytest
 
 import normzoo
 
-NAMES = ["batch", "batch_renorm", "instance", "layer", "group", "rms", "weight", "cosine", "ibn", "none"]
+NAMES = ["batch", "batch_renorm", "instance", "layer", "group", "rms", "weight", "cosine", "ibn", "none",
+         "noisy_batch", "l1_batch", "l2_batch", "linf_batch"]
 
 
 def test_available_lists_every_name():
@@ -82,8 +83,9 @@ def test_batch_statistics_property_says_whether_other_examples_matter(name):
     x = np.random.default_rng(0).normal(size=(4, 3, 3, 4)).astype(np.float32)
     layer = spec.norm(train=True)
     v = layer.init(jax.random.key(0), x)
-    y_all, _ = layer.apply(v, x, mutable=["batch_stats"])
-    y_one, _ = layer.apply(v, x[:2], mutable=["batch_stats"])
+    rngs = {"noise": jax.random.key(1)}  # noisy_batch's noise (its shape differs too: it depends anyway)
+    y_all, _ = layer.apply(v, x, mutable=["batch_stats"], rngs=rngs)
+    y_one, _ = layer.apply(v, x[:2], mutable=["batch_stats"], rngs=rngs)
     depends = not np.allclose(y_all[:2], y_one, atol=1e-6)
     assert spec.batch_statistics == depends == ("batch_stats" in v)
     weight = normzoo.make("weight", mean_only_bn=True)
