@@ -51,6 +51,7 @@ import numpy as np
 
 from normzoo import _batch, _composite, _sample, _weight
 from normzoo._registry import Identity
+from normzoo.deploy import _sub_jaxprs
 
 Array = jax.Array
 LossFn = Callable[[Any, Any], Array]
@@ -62,53 +63,99 @@ __all__ = ["ActivationStats", "InternalCovariateShift", "Landscape", "activation
 # ----------------------------------------------------------------------------- parameters by layer
 
 
-def _ordered_leaves(params: Any) -> list[tuple[str, Array]]:
+def _ordered_leaves(tree: Any) -> list[tuple[str, Array]]:
     """``(path, leaf)`` in the order the parameters were created: Flax creates them in call
-    order, and nested dicts keep it (``jax.tree`` would sort the keys: ``Conv_10`` before
-    ``Conv_2``). Other pytrees keep their flattening order."""
-    if isinstance(params, Mapping):
+    order and nested dicts keep it, so mappings are walked in insertion order. (``jax.tree``
+    sorts keys, ``Conv_10`` before ``Conv_2``, and ``jax.grad`` returns sorted dicts: a tree
+    with the same keys in another order gives its leaves in the same order here.)"""
+    if isinstance(tree, Mapping):
         out = []
-        for key, value in params.items():
+        for key, value in tree.items():
             out += [((f"{key}/{p}" if p else str(key)), leaf) for p, leaf in _ordered_leaves(value)]
         return out
-    if isinstance(params, (jax.Array, np.ndarray, float, int)):
-        return [("", params)]
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     return [(jax.tree_util.keystr(path), leaf) for path, leaf in flat]
+
+
+def _leaves_like(template: Any, tree: Any) -> list[Array]:
+    """``tree``'s leaves in ``template``'s order (the two have the same keys)."""
+    if isinstance(template, Mapping):
+        return [leaf for key in template for leaf in _leaves_like(template[key], tree[key])]
+    return jax.tree.leaves(tree)
+
+
+def _rebuild(template: Any, leaves: list) -> Any:
+    """A tree shaped like ``template`` holding ``leaves`` (in :func:`_ordered_leaves` order)."""
+    it = iter(leaves)
+
+    def build(node):
+        if isinstance(node, Mapping):
+            return {k: build(v) for k, v in node.items()}
+        flat, treedef = jax.tree_util.tree_flatten(node)
+        return jax.tree_util.tree_unflatten(treedef, [next(it) for _ in flat])
+
+    return build(template)
 
 
 def _owner(path: str) -> str:
     return path.rsplit("/", 1)[0] if "/" in path else path
 
 
-def layer_names(params: Any) -> tuple[str, ...]:
+def _use_order(loss_fn: LossFn, params: Any, batch: Any) -> list[int]:
+    """Indices of ``params``' leaves in the order the loss first reads them: the forward order
+    of the layers, from the traced computation (dicts returned by ``jit`` or ``grad`` have
+    sorted keys, so the parameters' own order says nothing). Leaves never read come last."""
+    leaves = _leaves_like(params, params)
+    closed = jax.make_jaxpr(lambda *ls: loss_fn(_rebuild(params, list(ls)), batch))(*leaves)
+    order: list[int] = []
+
+    def walk(jaxpr, tracked):
+        for eqn in jaxpr.eqns:
+            ins = [(i, tracked.get(v)) for i, v in enumerate(eqn.invars) if not hasattr(v, "val")]
+            fresh = [(i, leaf) for i, leaf in ins if leaf is not None and leaf not in order]
+            if not fresh:
+                continue
+            subs = list(_sub_jaxprs(eqn.params))
+            if not subs:
+                order.extend(dict.fromkeys(leaf for _, leaf in fresh))
+                continue
+            for sub in subs:  # an inner computation (jit, custom_jvp, remat, cond): look inside
+                skip = len(eqn.invars) - len(sub.invars)  # cond's predicate comes first
+                walk(sub, {sub.invars[i - skip]: leaf for i, leaf in fresh if 0 <= i - skip < len(sub.invars)})
+            order.extend(dict.fromkeys(leaf for _, leaf in fresh if leaf not in order))
+
+    walk(closed.jaxpr, dict(zip(closed.jaxpr.invars, range(len(leaves)))))
+    return order + [i for i in range(len(leaves)) if i not in order]
+
+
+def layer_names(params: Any, loss_fn: LossFn | None = None, batch: Any = None) -> tuple[str, ...]:
     """The default layers of :func:`internal_covariate_shift`: every module that owns a
-    ``kernel`` (Dense, Conv, normzoo's weight-normalized and cosine layers), in call order;
-    a model without kernels gives every module that owns parameters."""
+    ``kernel`` (Dense, Conv, normzoo's weight-normalized and cosine layers), or every module
+    that owns parameters in a model without kernels. In forward order when ``loss_fn`` and
+    ``batch`` are given (the order the loss reads them), else in the parameters' order."""
     paths = [p for p, _ in _ordered_leaves(params)]
+    if loss_fn is not None:
+        paths = [paths[i] for i in _use_order(loss_fn, params, batch)]
     kernels = [_owner(p) for p in paths if p.rsplit("/", 1)[-1] == "kernel"]
-    names = kernels or [_owner(p) for p in paths]
-    return tuple(dict.fromkeys(names))
+    return tuple(dict.fromkeys(kernels or [_owner(p) for p in paths]))
 
 
-def _layer_index(paths: list[str], layers: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Per layer: which leaves belong to it, and which precede its first leaf."""
+def _layer_index(paths: list[str], rank: list[int], layers: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer: which leaves belong to it, and which the loss reads before any of them
+    (``rank[j]``: the position of leaf ``j`` in the forward order)."""
     member = np.zeros((len(layers), len(paths)), bool)
     before = np.zeros((len(layers), len(paths)), bool)
     for i, layer in enumerate(layers):
         own = [j for j, p in enumerate(paths) if p == layer or p.startswith(layer + "/")]
         if not own:
             raise ValueError(
-                f"internal_covariate_shift: layer {layer!r} owns no parameter; layers must be "
-                f"'/'-joined parameter paths such as {layer_names_from(paths)[:3]!r}."
+                f"internal_covariate_shift: layer {layer!r} owns no parameter; give '/'-joined "
+                f"module paths of the parameters, such as {list(dict.fromkeys(map(_owner, paths)))[:3]!r}."
             )
+        first = min(rank[j] for j in own)
         member[i, own] = True
-        before[i, : min(own)] = True
+        before[i] = [rank[j] < first for j in range(len(paths))]
     return member, before
-
-
-def layer_names_from(paths: list[str]) -> list[str]:
-    return list(dict.fromkeys(_owner(p) for p in paths))
 
 
 # ----------------------------------------------------------------------------- internal covariate shift
@@ -129,24 +176,8 @@ class InternalCovariateShift:
 
 def _tree_map_masked(flags, params, updates):
     # flags: one bool per leaf, in _ordered_leaves order; returns params + flags * updates.
-    leaves = [leaf for _, leaf in _ordered_leaves(params)]
-    steps = [leaf for _, leaf in _ordered_leaves(updates)]
-    moved = [p + jnp.where(f, u, jnp.zeros_like(u)) for f, p, u in zip(flags, leaves, steps)]
-    return _rebuild(params, moved)
-
-
-def _rebuild(template: Any, leaves: list) -> Any:
-    it = iter(leaves)
-
-    def build(node):
-        if isinstance(node, Mapping):
-            return {k: build(v) for k, v in node.items()}
-        if isinstance(node, (jax.Array, np.ndarray, float, int)):
-            return next(it)
-        flat, treedef = jax.tree_util.tree_flatten(node)
-        return jax.tree_util.tree_unflatten(treedef, [next(it) for _ in flat])
-
-    return build(template)
+    leaves, steps = _leaves_like(params, params), _leaves_like(params, updates)
+    return _rebuild(params, [p + jnp.where(f, u, jnp.zeros_like(u)) for f, p, u in zip(flags, leaves, steps)])
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "layers", "chunk"))
@@ -178,8 +209,8 @@ def internal_covariate_shift(
       updates: the optimizer's update for this step (``optax``'s ``updates``), a pytree like
         ``params``; or give ``learning_rate`` for plain SGD.
       learning_rate: with ``updates=None``, the SGD step ``-learning_rate * G``.
-      layers: '/'-joined parameter paths of the layers to report (default
-        :func:`layer_names`: every module with a ``kernel``).
+      layers: '/'-joined module paths of the layers to report (default
+        :func:`layer_names`: every module with a ``kernel``, in forward order).
       chunk: how many of the per-layer backward passes run at once (default: all, in one
         ``vmap``); smaller bounds the memory.
 
@@ -195,14 +226,16 @@ def internal_covariate_shift(
     if updates is None:
         updates = jax.tree.map(lambda g: -learning_rate * g, grads)
     paths = [p for p, _ in _ordered_leaves(params)]
-    layers = layer_names(params) if layers is None else tuple(layers)
-    member, before = _layer_index(paths, layers)
+    use = _use_order(loss_fn, params, batch)
+    rank = [use.index(j) for j in range(len(paths))]
+    layers = layer_names(params, loss_fn, batch) if layers is None else tuple(layers)
+    member, before = _layer_index(paths, rank, layers)
 
     def shifted_grad(flags):
-        return [g for _, g in _ordered_leaves(jax.grad(loss_fn)(_tree_map_masked(flags, params, updates), batch))]
+        return _leaves_like(params, jax.grad(loss_fn)(_tree_map_masked(flags, params, updates), batch))
 
     shifted = jax.lax.map(shifted_grad, jnp.asarray(before), batch_size=chunk or len(layers))
-    g = [leaf for _, leaf in _ordered_leaves(grads)]
+    g = _leaves_like(params, grads)
     rows = []
     for i in range(len(layers)):
         own = np.flatnonzero(member[i])

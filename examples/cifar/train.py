@@ -141,8 +141,10 @@ def make_train_step(model, tx, num_train: int, batch_size: int, augment: str = "
         x = input_pipeline.standardize(x)
 
         def loss_fn(params):
+            # rngs: the stream of noisy_batch's noise (unused by the other normalizers).
             logits, upd = model.apply({"params": params, "batch_stats": state.batch_stats}, x,
-                                      train=True, mutable=["batch_stats"])
+                                      train=True, mutable=["batch_stats"],
+                                      rngs={"noise": jax.random.fold_in(key, 1)})
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
             return loss, (logits, upd.get("batch_stats", {}))
 
