@@ -9,7 +9,7 @@ anything else the loss reads (inputs, labels, ``batch_stats``, an rng key), so o
 * :func:`internal_covariate_shift`, the paper's Definition 2.1: for layer ``i``,
   ``G_i = grad_{W_i} L(W^t)`` and ``G'_i = grad_{W_i} L(W_1^{t+1}, .., W_{i-1}^{t+1}, W_i^t, ..,
   W_k^t)`` on the same batch; ``||G_i - G'_i||_2`` and ``cos(G_i, G'_i)``. Costs one backward
-  pass per layer (batched with ``vmap``).
+  pass per layer, in one compiled program.
 * :func:`loss_landscape`: the loss at ``theta - eta g`` for step sizes ``eta`` along the
   gradient ``g`` (the paper's "variation of the loss"), the gradient predictiveness
   ``||g - grad L(theta - eta g)||`` and the effective beta-smoothness ``max_eta ||g - grad
@@ -161,6 +161,16 @@ def _layer_index(paths: list[str], rank: list[int], layers: Sequence[str]) -> tu
 # ----------------------------------------------------------------------------- internal covariate shift
 
 
+def _map(f, xs: Array, chunk: int | None):
+    """``f`` over the leading axis of ``xs``: unrolled (``chunk=None``), or ``jax.lax.map`` with
+    ``batch_size=chunk`` (a loop over ``vmap``-ed chunks)."""
+    if chunk is not None:
+        return jax.lax.map(f, xs, batch_size=chunk)
+    outs = [f(xs[i]) for i in range(xs.shape[0])]
+    return jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+
+
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["l2", "cosine", "grad_norm"],
                    meta_fields=["layers"])
 @dataclasses.dataclass(frozen=True)
@@ -211,8 +221,12 @@ def internal_covariate_shift(
       learning_rate: with ``updates=None``, the SGD step ``-learning_rate * G``.
       layers: '/'-joined module paths of the layers to report (default
         :func:`layer_names`: every module with a ``kernel``, in forward order).
-      chunk: how many of the per-layer backward passes run at once (default: all, in one
-        ``vmap``); smaller bounds the memory.
+      chunk: None (default): the per-layer backward passes are unrolled into one program,
+        whose shared work XLA computes once (VGG-11/8 at batch 128 on CPU: 0.34 s for 9
+        layers, against 0.14 s for one gradient); an int: ``jax.lax.map`` over ``vmap``-ed
+        chunks of that many layers, which bounds memory and compilation time for very deep
+        models but runs a batch of different weights through each layer, i.e. grouped
+        convolutions (10.8 s with ``chunk=1`` there).
 
     Returns:
       :class:`InternalCovariateShift`; one backward pass per layer plus one.
@@ -234,7 +248,7 @@ def internal_covariate_shift(
     def shifted_grad(flags):
         return _leaves_like(params, jax.grad(loss_fn)(_tree_map_masked(flags, params, updates), batch))
 
-    shifted = jax.lax.map(shifted_grad, jnp.asarray(before), batch_size=chunk or len(layers))
+    shifted = _map(shifted_grad, jnp.asarray(before), chunk)
     g = _leaves_like(params, grads)
     rows = []
     for i in range(len(layers)):
@@ -302,7 +316,8 @@ def loss_landscape(
       params, batch: the point and the batch.
       step_sizes: 1-D array of ``eta``.
       direction: a pytree like ``params`` to move along instead of the gradient.
-      chunk: step sizes evaluated at once (default: all, in one ``vmap``).
+      chunk: None (default): the step sizes unrolled into one program; an int: ``jax.lax.map``
+        over ``vmap``-ed chunks of that many (see :func:`internal_covariate_shift`).
 
     Returns:
       :class:`Landscape`; costs one forward and backward pass per step size, plus one.
@@ -320,7 +335,7 @@ def loss_landscape(
         flat = jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(g_eta)])
         return loss, jnp.linalg.norm(g_flat - flat)
 
-    loss, dist = jax.lax.map(at, step_sizes, batch_size=chunk or step_sizes.shape[0])
+    loss, dist = _map(at, step_sizes, chunk)
     d_norm = jnp.linalg.norm(jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(d)]))
     return Landscape(step_sizes, loss, dist, loss0, d_norm)
 
