@@ -11,8 +11,8 @@ augmentation. Every ``measure_every`` steps, on that step's batch and before the
 * the loss and gradient along the gradient for ``eta = lr * step_multipliers``
   (``normzoo.analysis.loss_landscape``): loss range, gradient predictiveness, effective smoothness;
 * each normalizer's output (the input of the ReLU): percentiles, share below zero, and its
-  change of per-channel mean and standard deviation over the step (``capture`` /
-  ``activation_stats`` / ``distribution_shift``).
+  change of per-channel mean and standard deviation over the step, noisy BatchNorm's noise
+  drawn anew as the next step draws it (``capture`` / ``activation_stats`` / ``distribution_shift``).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def _is_norm(module, method) -> bool:
         and not isinstance(module, VGG)
 
 
-def make_functions(model, lr: float, multipliers):
+def make_functions(model, lr: float, multipliers, probe_examples: int):
     """The jitted train step and measurement of one run."""
 
     def loss_fn(params, batch):
@@ -97,14 +97,18 @@ def make_functions(model, lr: float, multipliers):
         x, _, batch_stats, key = batch
         _, acts = analysis.capture(model, {"params": params, "batch_stats": batch_stats}, x, train=True,
                                    filter=_is_norm, mutable=["batch_stats"], rngs={"noise": key})
-        return analysis.activation_stats(acts)
+        # The whole batch goes through the model (batch statistics as in training); the
+        # percentiles (a sort) are taken over the first probe_examples examples' activations.
+        return analysis.activation_stats({k: a[:probe_examples] for k, a in acts.items()})
 
     @jax.jit
-    def measure(params, batch):
+    def measure(params, batch, next_key):
         ics = analysis.internal_covariate_shift(loss_fn, params, batch, learning_rate=lr)
         land = analysis.loss_landscape(loss_fn, params, batch, lr * jnp.asarray(multipliers))
         stepped = jax.tree.map(lambda p, g: p - lr * g, params, jax.grad(loss_fn)(params, batch))
-        before, after = activations(params, batch), activations(stepped, batch)
+        # What each layer sees on these images now and after the step, when noisy_batch's noise
+        # has been drawn anew (the other normalizers ignore the key).
+        before, after = activations(params, batch), activations(stepped, batch[:3] + (next_key,))
         return ics, land, before, analysis.distribution_shift(before, after)
 
     @jax.jit
@@ -150,7 +154,7 @@ def run(config: ml_collections.ConfigDict, run_name: str, workdir: str | Path, d
     sample = jnp.zeros((bs, 32, 32, 3), jnp.float32)
     variables = jax.jit(functools.partial(model.init, train=True))(key, sample)
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
-    train_step, measure, evaluate = make_functions(model, lr, tuple(config.step_multipliers))
+    train_step, measure, evaluate = make_functions(model, lr, tuple(config.step_multipliers), config.probe_examples)
     images = jnp.asarray(train_images)
     labels = jnp.asarray(train_labels)
     perm_key, noise_key = jax.random.split(jax.random.key(config.seed + 1))
@@ -173,7 +177,7 @@ def run(config: ml_collections.ConfigDict, run_name: str, workdir: str | Path, d
         batch = (x, labels[idx], batch_stats, jax.random.fold_in(noise_key, step))
         if step % config.measure_every == 0:  # the measurement callback, before the step
             tm = time.perf_counter()
-            ics, land, acts, shift = jax.device_get(measure(params, batch))
+            ics, land, acts, shift = jax.device_get(measure(params, batch, jax.random.fold_in(noise_key, step + 1)))
             names = _ordered(acts)
             record["measure_steps"].append(step)
             record["layers"] = list(ics.layers)

@@ -66,9 +66,11 @@ COLUMNS = [("test_accuracy", "test acc."), ("final_train_loss", "train loss (las
 
 def to_markdown(results: dict) -> str:
     meta = results["meta"]
+    runs_s = sum(s["wall_s"] for s in results["summary"].values())
     lines = [f"Preset `{meta['preset']}`: VGG widths {meta['widths']}, batch {meta['batch_size']}, "
              f"{meta['steps']} steps of plain SGD, measured every {meta['measure_every']} steps; "
-             f"{meta['hardware']}, {meta['wall_s'] / 60:.1f} min.", "",
+             f"{meta['hardware']}; the runs took {runs_s / 60:.1f} min in all (the column wall s, "
+             f"side by side in {meta.get('workers', 1)} processes).", "",
              "| run | " + " | ".join(c[1] for c in COLUMNS) + " |",
              "| --- |" + " ---: |" * len(COLUMNS)]
     for name, s in results["summary"].items():
@@ -132,6 +134,7 @@ def run_all(config: ml_collections.ConfigDict, data=None) -> dict:
         "meta": {
             "preset": config.preset, "batch_size": config.batch_size, "steps": config.steps,
             "measure_every": config.measure_every, "step_multipliers": list(config.step_multipliers),
+            "workers": config.workers,
             "widths": [[max(1, w // config.width_divisor) for w in s] for s in config.stages],
             "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                         f"{jax.devices()[0].platform}",

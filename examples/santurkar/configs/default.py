@@ -25,6 +25,7 @@ def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
     c.step_multipliers = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)  # landscape: eta = lr * these
     c.eval_every = 1000             # steps between test-accuracy evaluations (on test_subset)
     c.eval_subset = 2000            # test images of those evaluations (the final one uses all)
+    c.probe_examples = 32           # examples whose activations enter the percentiles
     c.log_every = 10
     c.seed = 0
     c.data_dir = ""                 # '' -> $NORMZOO_DATA -> ~/.cache/normzoo (downloaded)
@@ -35,7 +36,7 @@ def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
     c.resume = True                 # skip runs whose results are in the workdir
     if preset == "smoke":           # 2 CPU cores, about 15 minutes for the ten runs
         c.width_divisor = 8
-        c.steps = 500
+        c.steps = 400
         c.measure_every = 50
         c.eval_every = 100
         c.eval_subset = 1000
