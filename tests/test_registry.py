@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import normzoo
+from tests.conftest import some_slow
 
 NAMES = ["batch", "batch_renorm", "instance", "layer", "group", "rms", "weight", "cosine", "ibn", "none",
          "noisy_batch", "l1_batch", "l2_batch", "linf_batch"]
@@ -76,7 +77,8 @@ def test_train_must_be_given():
         normzoo.make("batch").norm()
 
 
-@pytest.mark.parametrize("name", NAMES)
+# The analysis variants share BatchNorm's registry row kind: they run with -m slow.
+@pytest.mark.parametrize("name", some_slow(NAMES, fast=set(NAMES[:10])))
 def test_batch_statistics_property_says_whether_other_examples_matter(name):
     """The property the examples derive from: output depends on the other examples."""
     spec = normzoo.make(name)
