@@ -24,6 +24,7 @@ def test_eval_and_train_mode_agree_exactly_where_the_layer_says_they_should():
     np.testing.assert_allclose(renorm["eval_mse"][after], renorm["train_mode_mse"][after], rtol=5e-3)
 
 
+@pytest.mark.slow  # the training itself is checked by the default test above
 def test_main_writes_the_table_and_the_plot(tmp_path):
     crossq.main(["--steps=20", "--batch=8", "--eval-every=10", "--warmup-steps=10", "--seeds=0",
                  "--norms=none,batch_renorm", f"--out={tmp_path}", "--no-progress"])
