@@ -60,7 +60,7 @@ def summarize(record: dict) -> dict:
 COLUMNS = [("test_accuracy", "test acc."), ("final_train_loss", "train loss (last 10 steps)"),
            ("ics_l2", "ICS ‖G−G′‖ (median)"), ("ics_cosine", "ICS cos(G, G′) (median)"),
            ("loss_range", "loss range along ∇ (median)"), ("grad_distance_max", "max ‖∇−∇′‖ along ∇ (median)"),
-           ("smoothness", "effective β-smoothness (median)"), ("shift_mean", "|Δ channel mean| per step"),
+           ("smoothness", "effective β-smoothness (median)"), ("shift_mean", "mean abs. change of channel means per step"),
            ("wall_s", "wall s")]
 
 
