@@ -45,7 +45,8 @@ def make_step(norm: str, width: int, batch: int, **norm_overrides):
 
     def step(variables, opt, x, y):
         def loss_fn(params):
-            logits, upd = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+            logits, upd = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"],
+                                      rngs={"noise": jax.random.key(0)})  # noisy_batch's stream (timing only)
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
 
         (loss, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])

@@ -35,7 +35,8 @@ def batch():
 
 
 def _run(model, variables, x, train):
-    return model.apply(variables, x, train=train, mutable=["batch_stats"])
+    # rngs: noisy_batch's noise stream (the same key every call, so eager and jitted runs agree).
+    return model.apply(variables, x, train=train, mutable=["batch_stats"], rngs={"noise": jax.random.key(7)})
 
 
 # A batch-statistics name by default; every name in the slow run (the NNX, CIFAR and deployment

@@ -237,7 +237,7 @@ def test_fold_cifar_models_every_registry_name(model_name, norm):
     x = jnp.asarray(RNG.normal(size=(4, 32, 32, 3)), jnp.float32)
     variables = _randomize(model.init(jax.random.key(0), x, train=False), seed=4)
     folded = deploy.fold(model, variables, x, train=False)
-    batch_family = norm in ("batch", "batch_renorm", "ibn")
+    batch_family = normzoo.make(norm).batch_statistics  # BatchNorm, its variants and IBN: folded
     statuses = {s for _, _, s, _ in folded.report}
     assert statuses == ({"folded"} if batch_family else {"materialized"} if norm == "weight"
                         else set() if norm == "none" else {"kept"}), folded.report

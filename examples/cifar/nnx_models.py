@@ -139,21 +139,25 @@ class Functional:
             raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}.")
         self.name, self.kwargs = name, kwargs
         abstract = nnx.eval_shape(lambda: MODELS[name](**kwargs, rngs=nnx.Rngs(0)))
-        # Parameters and running statistics are all the state these models hold.
-        self.graphdef, self._params, self._stats = nnx.split(abstract, nnx.Param, nnx.BatchStat)
+        # Parameters and running statistics, and the rng streams of noisy_batch's layers
+        # (reseeded from the ``rngs`` of every call).
+        self.graphdef, self._params, self._stats, self._rest = nnx.split(abstract, nnx.Param, nnx.BatchStat, ...)
 
     def init(self, key, x, train: bool = True) -> dict:
         model = MODELS[self.name](**self.kwargs, rngs=nnx.Rngs(key))
-        _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+        _, params, stats, _ = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
         return {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)}
 
-    def apply(self, variables, x, train: bool, mutable=()):
+    def apply(self, variables, x, train: bool, mutable=(), rngs=None):
         states = []
         for template, collection in ((self._params, "params"), (self._stats, "batch_stats")):
             state = jax.tree.map(lambda a: a, template)
             nnx.replace_by_pure_dict(state, variables.get(collection, {}))
             states.append(state)
-        model = nnx.merge(self.graphdef, *states)
+        model = nnx.merge(self.graphdef, *states, jax.tree.map(lambda a: a, self._rest))
+        if rngs is not None and jax.tree.leaves(self._rest):
+            # noisy_batch's streams (forked from the model's default stream at construction).
+            nnx.reseed(model, default=rngs["noise"])
         model.train() if train else model.eval()
         y = model(x)
         if not mutable:
