@@ -605,15 +605,14 @@ def _lp_deviation(mdl: LpBatchNorm, x: Array, axes: tuple[int, ...], mask: Array
     axis_name = None if mdl.is_initializing() else mdl.axis_name
     groups = mdl.axis_index_groups
     x = jnp.asarray(x, _stats.stats_dtype(x.dtype, mdl.dtype))
-    count, mean, m2 = _stats.local_moments(x, axes, mask, True)
-    if p == 1:
-        if axis_name is not None:  # first collective: the mean of the union
-            count, mean, _ = _stats.synced_moments(x, axes, mask=mask, axis_name=axis_name,
-                                                    axis_index_groups=groups, layer=layer)
+    if p == 1:  # the mean of the union (first collective), then the deviations about it (second)
+        count, mean, _ = _stats.synced_moments(x, axes, mask=mask, axis_name=axis_name,
+                                                axis_index_groups=groups, layer=layer)
         spread = jnp.abs(x - jnp.expand_dims(mean, axes))
         _, dev, _ = _stats.synced_moments(spread, axes, mask=mask, axis_name=axis_name,
                                           axis_index_groups=groups, layer=layer)
         return dev, (count, mean)
+    count, mean, m2 = _stats.local_moments(x, axes, mask, True)
     valid = jnp.ones(x.shape, bool) if mask is None else mask
     hi = jnp.max(jnp.where(valid, x, -jnp.inf), axes)
     lo = jnp.min(jnp.where(valid, x, jnp.inf), axes)

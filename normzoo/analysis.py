@@ -134,8 +134,11 @@ def layer_names(params: Any, loss_fn: LossFn | None = None, batch: Any = None) -
     that owns parameters in a model without kernels. In forward order when ``loss_fn`` and
     ``batch`` are given (the order the loss reads them), else in the parameters' order."""
     paths = [p for p, _ in _ordered_leaves(params)]
-    if loss_fn is not None:
-        paths = [paths[i] for i in _use_order(loss_fn, params, batch)]
+    return _default_layers(paths, _use_order(loss_fn, params, batch) if loss_fn is not None else range(len(paths)))
+
+
+def _default_layers(paths: list[str], order) -> tuple[str, ...]:
+    paths = [paths[i] for i in order]
     kernels = [_owner(p) for p in paths if p.rsplit("/", 1)[-1] == "kernel"]
     return tuple(dict.fromkeys(kernels or [_owner(p) for p in paths]))
 
@@ -242,7 +245,7 @@ def internal_covariate_shift(
     paths = [p for p, _ in _ordered_leaves(params)]
     use = _use_order(loss_fn, params, batch)
     rank = [use.index(j) for j in range(len(paths))]
-    layers = layer_names(params, loss_fn, batch) if layers is None else tuple(layers)
+    layers = _default_layers(paths, use) if layers is None else tuple(layers)
     member, before = _layer_index(paths, rank, layers)
 
     def shifted_grad(flags):

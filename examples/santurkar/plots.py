@@ -42,13 +42,17 @@ def _smooth(y, k=5):
     return np.convolve(y, np.ones(k) / k, mode="valid")
 
 
+def _train_curve(ax, run: dict, label: str) -> None:
+    smoothed = _smooth(run["train_accuracy"])
+    ax.plot(np.asarray(run["steps"])[len(run["steps"]) - len(smoothed):], smoothed, label=label)
+
+
 def plot_accuracy(runs: dict, names: list[str], path: Path, title: str) -> None:
     plt = _plt()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for n in names:
         r = runs[n]
-        steps = np.asarray(r["steps"])[len(r["steps"]) - len(_smooth(r["train_accuracy"])):]
-        a.plot(steps, _smooth(r["train_accuracy"]), label=_label(n))
+        _train_curve(a, r, _label(n))
         b.plot(r["eval_steps"], r["test_accuracy"], marker="o", label=_label(n))
     a.set(xlabel="step", ylabel="train accuracy (running mean)", title=title)
     b.set(xlabel="step", ylabel="test accuracy", title="test accuracy (last point: all 10,000)")
@@ -62,9 +66,7 @@ def plot_noisy(runs: dict, names: list[str], path: Path) -> None:
     plt = _plt()
     fig, axes = plt.subplots(1, 1 + len(names), figsize=(4.2 * (1 + len(names)), 3.8))
     for n in names:
-        r = runs[n]
-        steps = np.asarray(r["steps"])[len(r["steps"]) - len(_smooth(r["train_accuracy"])):]
-        axes[0].plot(steps, _smooth(r["train_accuracy"]), label=_label(n))
+        _train_curve(axes[0], runs[n], _label(n))
     axes[0].set(xlabel="step", ylabel="train accuracy", title="training")
     axes[0].legend(fontsize=8)
     for ax, n in zip(axes[1:], names):
