@@ -6,7 +6,7 @@ from normzoo._registry import Identity, Normalizer, available, make
 from normzoo._sample import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from normzoo._stats import moments, sync_batch_stats
 from normzoo._weight import CosineConv, CosineDense, WeightNormConv, WeightNormDense
-from normzoo import sbx  # noqa: E402  (normzoo.sbx.BatchRenorm: drop-in for sbx / CrossQ)
+from normzoo import functional, sbx  # noqa: E402  (normzoo.sbx.BatchRenorm: drop-in for sbx / CrossQ)
 
 __version__ = "0.1.0"
 
@@ -28,6 +28,7 @@ __all__ = [
     "WeightNormConv",
     "WeightNormDense",
     "available",
+    "functional",
     "make",
     "moments",
     "sync_batch_stats",

@@ -1,125 +1,72 @@
-"""Batch-statistics family: BatchNorm, BatchRenorm, MeanOnlyBatchNorm.
+"""Batch-statistics family as flax.linen modules: BatchNorm, BatchRenorm, MeanOnlyBatchNorm,
+LpBatchNorm, NoisyBatchNorm.
 
-Each layer's ``affine_map`` reads top to bottom: validate, variables, statistics, map,
-update. ``__call__`` applies that map to ``x``; IBN and deployment code call
-``affine_map`` for the map itself.
+Each layer declares its variables, calls its function in :mod:`normzoo.functional` and writes
+the new running statistics back (not while initializing). ``__call__`` applies the layer's map
+to ``x``; ``affine_map`` returns the map itself (IBN and deployment code use it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.linen import initializers
-from jax import lax
 
 from normzoo import _stats
-from normzoo._stats import AffineMap, RunningStats
+from normzoo import functional as F
+from normzoo._stats import AffineMap
 
 Array = jax.Array
 Initializer = Any
 
 
-class _Layout(NamedTuple):
-    """Static facts about one input: how statistics are taken and broadcast back."""
+class _Shell(nn.Module):
+    """What every linen shell does with its variables: nowrap helpers, invisible to flax's
+    introspection (``nn.tabulate`` shows one call per layer)."""
 
-    reduce: tuple[int, ...]  # axes the statistics reduce (of the ghost view, if any)
-    shape: tuple[int, ...]  # feature shape: the variables' shape
-    view: tuple[int, ...]  # per-feature arrays reshaped to broadcast against x
-    ghosts: int | None  # number of ghost batches (virtual_batch_size), or None
-    batch: int  # size of axis 0
+    @nn.nowrap
+    def _affine(self, shape: tuple[int, ...], *, use_bias: bool | None = None) -> tuple[Array | None, Array | None]:
+        """``scale`` and ``bias`` (created in that order, as flax does; None where unused).
+        ``force_float32_reductions=False`` casts them to ``param_dtype`` (flax's meaning)."""
+        out = []
+        use_bias = self.use_bias if use_bias is None else use_bias
+        for use, name, init in ((self.use_scale, "scale", self.scale_init), (use_bias, "bias", self.bias_init)):
+            p = self.param(name, init, shape, self.param_dtype) if use else None
+            if p is not None and not getattr(self, "force_float32_reductions", True):
+                p = jnp.asarray(p, self.param_dtype)
+            out.append(p)
+        return out[0], out[1]
 
-    def ghost_view(self, a: Array | None) -> Array | None:
-        """Reshape in: x (or its mask) with a leading axis of ghost batches."""
-        if a is None or self.ghosts is None:
-            return a
-        return jnp.reshape(a, (self.ghosts, a.shape[0] // self.ghosts) + a.shape[1:])
+    @nn.nowrap
+    def _running(self, shape: tuple[int, ...], names=("mean", "var")) -> list[Any]:
+        """The running statistics (flax's ``batch_stats`` ``mean`` 0 and ``var`` 1), float32, or
+        ``param_dtype`` with ``force_float32_reductions=False``."""
+        dtype = jnp.float32 if getattr(self, "force_float32_reductions", True) else self.param_dtype
+        fill = {"mean": 0.0, "var": 1.0}
+        return [self.variable("batch_stats", n, lambda s, f=fill[n]: jnp.full(s, f, dtype), shape) for n in names]
 
-    def expand(self, stat: Array) -> Array:
-        """Reshape out: per-feature (or per-ghost-batch) statistics broadcast against x."""
-        if jnp.ndim(stat) == len(self.shape):  # one per feature
-            return jnp.reshape(stat, self.view)
-        per_ghost = jnp.reshape(stat, (self.ghosts, 1) + self.view[1:])
-        repeated = jnp.broadcast_to(per_ghost, (self.ghosts, self.batch // self.ghosts) + self.view[1:])
-        return jnp.reshape(repeated, (self.batch,) + self.view[1:])
-
-
-def _layout(mdl: nn.Module, x: Array) -> _Layout:
-    """Validates ``axis`` and ``virtual_batch_size`` against ``x``."""
-    layer = type(mdl).__name__
-    features = _stats.canonicalize_axes(x.ndim, mdl.axis, argument="axis", layer=layer)
-    reduce = tuple(i for i in range(x.ndim) if i not in features)
-    v, ghosts = mdl.virtual_batch_size, None
-    if v is not None:
-        if not isinstance(v, numbers.Integral) or v <= 0:
-            raise ValueError(f"{layer}: virtual_batch_size={v!r} must be a positive int or None.")
-        if 0 in features:
-            raise ValueError(
-                f"{layer}: virtual_batch_size needs axis 0 to be the batch axis, but "
-                f"axis={mdl.axis!r} makes it a feature axis."
-            )
-        if x.shape[0] % v:
-            raise ValueError(
-                f"{layer}: virtual_batch_size={v} must divide the batch dimension "
-                f"(axis 0) of the input, got shape {tuple(x.shape)}; choose a divisor "
-                f"of {x.shape[0]} or pad the batch."
-            )
-        ghosts, reduce = x.shape[0] // v, tuple(a + 1 for a in reduce)
-    shape = tuple(x.shape[a] for a in features)
-    view = _stats.feature_view(x.ndim, features, x.shape)
-    return _Layout(reduce, shape, view, ghosts, x.shape[0] if x.ndim else 1)
+    @nn.nowrap
+    def _store(self, variables, new, x: Array, training: bool) -> None:
+        """Writes the new running statistics of a training call (never while initializing). With
+        ``force_float32_reductions=False`` they keep flax's dtype: the variable's, promoted with
+        that of the input's statistics (``dtype``, else the input's)."""
+        if not training or self.is_initializing():
+            return
+        for v, value in zip(variables, new):
+            if value is None:
+                continue
+            if not getattr(self, "force_float32_reductions", True) and jnp.issubdtype(value.dtype, jnp.inexact):
+                nominal = jnp.result_type(x) if self.dtype is None else jnp.dtype(self.dtype)
+                dtype = jnp.promote_types(jnp.result_type(v.value), nominal)
+                value = jnp.asarray(value, dtype if jnp.iscomplexobj(value) else jnp.finfo(dtype).dtype)
+            v.value = value
 
 
-def _batch_moments(mdl: nn.Module, x: Array, layout: _Layout, mask: Array | None):
-    """Statistics of a training step: ``(mean, var)`` for the map (one per ghost batch with
-    ``virtual_batch_size``) and ``(mean, var, valid)`` for the running averages.
-
-    With ghost batches the running averages take the average over the ghost batches (and,
-    with ``axis_name``, over the devices) that hold any valid element; ``valid`` is False
-    for a feature no valid element reached, whose running statistics then stay as they were.
-    """
-    layer = type(mdl).__name__
-    mask = _stats.check_mask(mask, x, layer=layer)
-    # Under `init` the mapped axis need not exist yet (flax does the same).
-    axis_name = None if mdl.is_initializing() else mdl.axis_name
-    if layout.ghosts is None:
-        count, mean, m2 = _stats.synced_moments(
-            x, layout.reduce, mask=mask, dtype=mdl.dtype, axis_name=axis_name,
-            axis_index_groups=mdl.axis_index_groups, layer=layer,
-        )
-        var = m2 / jnp.maximum(count, 1)
-        return (mean, var), (mean, var, count > 0)
-    # Ghost statistics stay on each device; only their averages, which feed the running
-    # statistics, are averaged across devices, so every replica keeps the same batch_stats.
-    count, mean, m2 = _stats.synced_moments(
-        layout.ghost_view(x), layout.reduce, mask=layout.ghost_view(mask), dtype=mdl.dtype,
-        layer=layer,
-    )
-    var = m2 / jnp.maximum(count, 1)
-    avg_mean, avg_var, n = _average_where(count > 0, mean, var)
-    if axis_name is not None:
-        parts = [avg_mean, avg_var.astype(avg_mean.dtype), (n > 0).astype(avg_mean.dtype)]
-        stacked, member = _stats.gather_all(jnp.stack(parts), axis_name, mdl.axis_index_groups, layer=layer)
-        has = jnp.real(stacked[:, 2]) > 0
-        if member is not None:
-            has = jnp.logical_and(has, jnp.reshape(member, (-1,) + (1,) * (has.ndim - 1)))
-        avg_mean, avg_var, n = _average_where(has, stacked[:, 0], stacked[:, 1])
-    return (mean, var), (avg_mean, jnp.real(avg_var), n > 0)
-
-
-def _average_where(valid: Array, mean: Array, var: Array):
-    """Averages over the leading axis of the entries where ``valid``; and how many there were."""
-    n = jnp.sum(valid, 0)
-    avg = lambda a: jnp.sum(jnp.where(valid, a, 0), 0) / jnp.maximum(n, 1)  # noqa: E731
-    return avg(mean), avg(var), n
-
-
-class _Mapped(nn.Module):
+class _Mapped(_Shell):
     """The two public methods of every batch-statistics layer, both applying the layer's
     nowrap ``_map(x, use_running_average, mask) -> AffineMap``."""
 
@@ -154,10 +101,24 @@ class _Mapped(nn.Module):
         """
         return self._map(x, use_running_average, mask)
 
+    @nn.nowrap
+    def _features(self, x: Array) -> tuple[int, ...]:
+        axes = _stats.canonicalize_axes(x.ndim, self.axis, argument="axis", layer=type(self).__name__)
+        return _stats.feature_shape(x, axes)
+
+    @nn.nowrap
+    def _options(self, mask: Array | None) -> dict[str, Any]:
+        """The function's keyword arguments, from the fields. Under ``init`` the mapped axis
+        need not exist yet (flax does the same)."""
+        return dict(momentum=self.momentum, epsilon=self.epsilon, axis=self.axis, mask=mask,
+                    axis_name=None if self.is_initializing() else self.axis_name,
+                    axis_index_groups=self.axis_index_groups, virtual_batch_size=self.virtual_batch_size,
+                    dtype=self.dtype, layer=type(self).__name__)
+
 
 class _BatchFields(_Mapped):
     """flax.linen.BatchNorm's fields in flax's order with flax's defaults, then ours
-    (keyword-only); ``__call__`` and ``affine_map`` from :class:`_Mapped`."""
+    (keyword-only)."""
 
     use_running_average: bool | None = None
     axis: int | tuple[int, ...] = -1
@@ -175,22 +136,6 @@ class _BatchFields(_Mapped):
     force_float32_reductions: bool = True
     virtual_batch_size: int | None = dataclasses.field(default=None, kw_only=True)
 
-    @nn.nowrap
-    def _nominal_dtype(self, x: Array) -> Any:
-        return _stats.nominal_dtype(x.dtype, self.dtype, self.force_float32_reductions)
-
-    @nn.nowrap
-    def _running_dtype(self) -> Any:
-        return jnp.float32 if self.force_float32_reductions else self.param_dtype
-
-    @nn.nowrap
-    def _params(self, layout: _Layout):
-        return _stats.affine_params(
-            self, layout.shape, layout.view, use_scale=self.use_scale, use_bias=self.use_bias,
-            scale_init=self.scale_init, bias_init=self.bias_init, param_dtype=self.param_dtype,
-            force_float32_reductions=self.force_float32_reductions,
-        )
-
 
 class BatchNorm(_BatchFields):
     r"""Batch normalization (Ioffe & Szegedy 2015, arXiv:1502.03167); drop-in for ``flax.linen.BatchNorm``.
@@ -201,7 +146,8 @@ class BatchNorm(_BatchFields):
     .. math:: y = \gamma \frac{x - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}} + \beta
 
     and the running statistics are updated as ``r = momentum * r + (1 - momentum) * b``.
-    With ``use_running_average=True`` the running statistics replace the batch ones.
+    With ``use_running_average=True`` the running statistics replace the batch ones. The
+    arithmetic is :func:`normzoo.functional.batch_norm`.
 
     Fields (order, defaults), call arguments and variables (``params/{scale,bias}``,
     ``batch_stats/{mean,var}``) are flax.linen's, so ``nn.BatchNorm`` and
@@ -215,7 +161,8 @@ class BatchNorm(_BatchFields):
     ``(count, mean, M2)`` triples, and Chan's formula; this is stable, count-weighted
     (correct under masks and uneven batches) and works with ``axis_index_groups`` under
     ``shard_map``. Under ``jit`` with a batch sharded by ``NamedSharding`` leave
-    ``axis_name=None``: the compiler reduces across devices itself.
+    ``axis_name=None``: the compiler reduces across devices itself. A feature that the
+    mask empties is normalized by the neutral statistics (mean 0, variance 1), not ``x/√ε``.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -253,23 +200,13 @@ class BatchNorm(_BatchFields):
     @nn.nowrap
     def _map(self, x: Array, use_running_average: bool | None, mask: Array | None) -> AffineMap:
         use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
-        layout = _layout(self, x)
-        running = RunningStats.create(self, layout.shape, momentum=self.momentum, dtype=self._running_dtype())
-        scale, bias = self._params(layout)
-        if use_ra:
-            mean, var = running.mean.value, running.var.value
-        else:
-            (mean, var), batch = self._moments(x, layout, mask)
-            running.update(self, batch, self._nominal_dtype(x))
-        return AffineMap.normalizing(
-            x, layout.expand(mean), layout.expand(lax.rsqrt(var + self.epsilon)),
-            scale=scale, bias=bias, dtype=self.dtype,
-        )
-
-    @nn.nowrap
-    def _moments(self, x: Array, layout: _Layout, mask: Array | None):
-        # The batch's mean and spread; LpBatchNorm measures the spread differently.
-        return _batch_moments(self, x, layout, mask)
+        shape = self._features(x)
+        running = self._running(shape)
+        scale, bias = self._affine(shape)
+        amap, new = F._batch_map(x, running[0].value, running[1].value, scale, bias, training=not use_ra,
+                                 **self._options(mask))
+        self._store(running, new, x, not use_ra)
+        return amap
 
 
 class BatchRenorm(_BatchFields):
@@ -291,7 +228,8 @@ class BatchRenorm(_BatchFields):
     ``batch_stats['steps']``: linearly, as in the paper (``warmup_schedule="linear"``), or
     all at once when the count reaches ``warmup_steps`` (``"step"``, CrossQ's and sbx's
     schedule; :class:`normzoo.sbx.BatchRenorm` is their whole layer). With ``r_max=1,
-    d_max=0`` this layer equals :class:`BatchNorm`.
+    d_max=0`` this layer equals :class:`BatchNorm`. ``init`` has no running statistics yet and
+    normalizes as BatchNorm. The arithmetic is :func:`normzoo.functional.batch_renorm`.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -322,76 +260,16 @@ class BatchRenorm(_BatchFields):
     @nn.nowrap
     def _map(self, x: Array, use_running_average: bool | None, mask: Array | None) -> AffineMap:
         use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
-        self._check_bounds()
-        layout = _layout(self, x)
-        running = RunningStats.create(self, layout.shape, momentum=self.momentum, dtype=self._running_dtype())
-        steps = self.variable("batch_stats", "steps", lambda: jnp.zeros((), jnp.int32))
-        scale, bias = self._params(layout)
-        if use_ra:
-            mean, inv, d = running.mean.value, lax.rsqrt(running.var.value + self.epsilon), None
-        else:
-            (mean, var), batch = _batch_moments(self, x, layout, mask)
-            inv_batch = lax.rsqrt(var + self.epsilon)
-            r, d = self._correction(mean, inv_batch, running, steps.value)
-            inv = inv_batch * r
-            running.update(self, batch, self._nominal_dtype(x))
-            if not self.is_initializing():
-                steps.value = steps.value + 1
-        return AffineMap.normalizing(
-            x, layout.expand(mean), layout.expand(inv), scale=scale, bias=bias,
-            offset=None if d is None else layout.expand(d), dtype=self.dtype,
+        shape = self._features(x)
+        running = self._running(shape) + [self.variable("batch_stats", "steps", lambda: jnp.zeros((), jnp.int32))]
+        scale, bias = self._affine(shape)
+        amap, new = F._renorm_map(
+            x, *(v.value for v in running), scale, bias, training=not use_ra, r_max=self.r_max, d_max=self.d_max,
+            warmup_steps=self.warmup_steps, warmup_schedule=self.warmup_schedule,
+            correct=not self.is_initializing(), **self._options(mask),
         )
-
-    @nn.nowrap
-    def _check_bounds(self) -> None:
-        if not self.r_max >= 1.0:
-            raise ValueError(
-                f"BatchRenorm: r_max={self.r_max!r} must be >= 1 (r is clipped to "
-                "[1/r_max, r_max]); use r_max=1 for plain BatchNorm."
-            )
-        if not self.d_max >= 0.0:
-            raise ValueError(
-                f"BatchRenorm: d_max={self.d_max!r} must be >= 0 (d is clipped to "
-                "[-d_max, d_max]); use d_max=0 for plain BatchNorm."
-            )
-        if not isinstance(self.warmup_steps, numbers.Integral) or self.warmup_steps < 0:
-            raise ValueError(
-                f"BatchRenorm: warmup_steps={self.warmup_steps!r} must be an int >= 0."
-            )
-        if self.warmup_schedule not in _SCHEDULES:
-            raise ValueError(
-                f"BatchRenorm: warmup_schedule={self.warmup_schedule!r} is not one of "
-                f"{sorted(_SCHEDULES)}; use 'linear' (the paper) or 'step' (CrossQ / sbx)."
-            )
-
-    @nn.nowrap
-    def _correction(self, mean, inv_batch, running, steps):
-        """The paper's ``r`` and ``d`` against the running statistics before this step
-        (none under ``init``, which has no running statistics yet: plain BatchNorm there)."""
-        t = 0.0 if self.is_initializing() else _SCHEDULES[self.warmup_schedule](steps, self.warmup_steps)
-        r_max, d_max = 1.0 + (self.r_max - 1.0) * t, self.d_max * t
-        return renorm_correction(mean, inv_batch, running, self.epsilon, r_max, d_max)
-
-
-# The share of the way from the bounds (1, 0) to (r_max, d_max) after `steps` of `warmup`.
-_SCHEDULES = {
-    "linear": lambda steps, warmup: 1.0 if warmup == 0 else jnp.minimum(steps.astype(jnp.float32) / warmup, 1.0),
-    "step": lambda steps, warmup: (steps >= warmup).astype(jnp.float32),
-}
-
-
-def renorm_correction(mean, inv_batch, running: RunningStats, epsilon, r_max, d_max):
-    """BatchRenorm's ``(r, d)``, gradients stopped: ``r = clip(sigma_B / sigma, 1/r_max, r_max)``,
-    ``d = clip((mu_B - mu) / sigma, -d_max, d_max)`` against the running statistics ``mu,
-    sigma`` before this step (``sigma_B = 1 / inv_batch``)."""
-    inv_run = lax.rsqrt(running.var.value + epsilon)
-    r = jnp.clip(inv_run / inv_batch, 1.0 / r_max, r_max)
-    d = (mean - running.mean.value) * inv_run
-    # Clipped in magnitude: clip(d, -d_max, d_max) for real d, and the same bound on |d|
-    # for complex inputs, whose d has no order.
-    size = jnp.abs(d)
-    d = jnp.where(size > d_max, d * (d_max / jnp.maximum(size, jnp.finfo(size.dtype).tiny)), d)
-    return lax.stop_gradient(r), lax.stop_gradient(d)
+        self._store(running, new, x, not use_ra)
+        return amap
 
 
 class MeanOnlyBatchNorm(_BatchFields):
@@ -400,6 +278,7 @@ class MeanOnlyBatchNorm(_BatchFields):
     Subtracts the batch mean (running mean at inference) and adds a learned bias; no
     division by the standard deviation. The WeightNorm paper pairs it with weight-normalized
     layers: the weight norm fixes the scale, the mean-only BatchNorm centres activations.
+    The arithmetic is :func:`normzoo.functional.mean_only_batch_norm`.
 
     .. math:: y = x - \mu_B + \beta
 
@@ -422,21 +301,13 @@ class MeanOnlyBatchNorm(_BatchFields):
     @nn.nowrap
     def _map(self, x: Array, use_running_average: bool | None, mask: Array | None) -> AffineMap:
         use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
-        layout = _layout(self, x)
-        running = RunningStats.create(
-            self, layout.shape, momentum=self.momentum, dtype=self._running_dtype(), track_var=False
-        )
-        scale, bias = self._params(layout)
-        if use_ra:
-            mean = running.mean.value
-        else:
-            (mean, _), batch = _batch_moments(self, x, layout, mask)
-            running.update(self, batch, self._nominal_dtype(x))
-        mean = layout.expand(mean)
-        return AffineMap.normalizing(
-            x, mean, jnp.ones(mean.shape, jnp.real(mean).dtype), scale=scale, bias=bias, dtype=self.dtype
-        )
-
+        shape = self._features(x)
+        running = self._running(shape, names=("mean",))
+        scale, bias = self._affine(shape)
+        amap, new = F._batch_map(x, running[0].value, None, scale, bias, training=not use_ra, divide=False,
+                                 **self._options(mask))
+        self._store(running, new, x, not use_ra)
+        return amap
 
 
 class NoisyBatchNorm(BatchNorm):
@@ -459,7 +330,7 @@ class NoisyBatchNorm(BatchNorm):
     from the Flax rng stream ``rng_collection`` (``"noise"``): ``model.apply(...,
     rngs={"noise": key})``. The noise is not drawn with ``use_running_average=True``
     (inference is BatchNorm's) nor by ``init``; the running statistics are those of the input,
-    before the noise.
+    before the noise. The arithmetic is :func:`normzoo.functional.noisy_batch_norm`.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -487,41 +358,18 @@ class NoisyBatchNorm(BatchNorm):
 
     @nn.nowrap
     def _map(self, x: Array, use_running_average: bool | None, mask: Array | None) -> AffineMap:
-        amap = BatchNorm._map(self, x, use_running_average, mask)
         use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
-        if use_ra or self.is_initializing():
-            return amap
-        low, high = self._check_noise()
-        layout = _layout(self, x)
-        k_mu, k_sigma, k_scale, k_shift = jax.random.split(self.make_rng(self.rng_collection), 4)
-        real = jnp.real(amap.mul).dtype
-        mu = jnp.reshape(jax.random.uniform(k_mu, layout.shape, real, -self.shift_range, self.shift_range), layout.view)
-        sigma = jnp.reshape(jax.random.uniform(k_sigma, layout.shape, real, low, high), layout.view)
-        w = self.noise_width
-        scale = sigma + w * jax.random.normal(k_scale, x.shape, real)
-        shift = mu + jax.random.uniform(k_shift, x.shape, real, -w, w)
-        return amap.then(scale, shift)
-
-    @nn.nowrap
-    def _check_noise(self) -> tuple[float, float]:
-        try:
-            low, high = (float(v) for v in self.scale_range)
-        except (TypeError, ValueError):
-            low = high = math.nan
-        if not low <= high:
-            raise ValueError(
-                f"NoisyBatchNorm: scale_range={self.scale_range!r} must be a pair (low, high) with "
-                "low <= high, e.g. (1.0, 1.25)."
-            )
-        for name in ("shift_range", "noise_width"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"NoisyBatchNorm: {name}={getattr(self, name)!r} must be >= 0.")
-        return low, high
-
-# Each Lp deviation times this constant is the standard deviation for Gaussian data:
-# E|x - mu| = sigma * sqrt(2 / pi). The maximum has no such constant (it grows with the
-# batch, like sigma * sqrt(2 ln n)); it is used as it is.
-_LP_SCALE = {1: math.sqrt(math.pi / 2), 2: 1.0, math.inf: 1.0}
+        shape = self._features(x)
+        running = self._running(shape)
+        scale, bias = self._affine(shape)
+        noisy = not use_ra and not self.is_initializing()
+        amap, new = F._noisy_map(
+            x, running[0].value, running[1].value, scale, bias, training=not use_ra,
+            key=self.make_rng(self.rng_collection) if noisy else None, shift_range=self.shift_range,
+            scale_range=self.scale_range, noise_width=self.noise_width, **self._options(mask),
+        )
+        self._store(running, new, x, not use_ra)
+        return amap
 
 
 class LpBatchNorm(BatchNorm):
@@ -542,7 +390,8 @@ class LpBatchNorm(BatchNorm):
     deviation, unscaled, so L∞ outputs lie in [-1, 1] before ``scale`` and ``bias``. The
     running averages keep ``batch_stats/mean`` and ``batch_stats/var = s_p^2`` (BatchNorm's
     variables and update rule), and inference uses them as BatchNorm does, so the layer
-    folds, converts and checkpoints like BatchNorm.
+    folds, converts and checkpoints like BatchNorm. The arithmetic is
+    :func:`normzoo.functional.lp_batch_norm`.
 
     With ``axis_name`` the statistics are those of the union of the devices' batches (masks
     count-weighted): ``p=2`` and ``p=inf`` with one collective (each device's count, mean,
@@ -568,61 +417,12 @@ class LpBatchNorm(BatchNorm):
     p: float | str = dataclasses.field(default=2, kw_only=True)
 
     @nn.nowrap
-    def _order(self) -> float:
-        p = math.inf if self.p in ("inf", "Inf") else self.p
-        if isinstance(p, bool) or not isinstance(p, numbers.Real) or p not in _LP_SCALE:
-            raise ValueError(
-                f"LpBatchNorm: p={self.p!r} must be 1, 2 or math.inf ('inf'): the L1 (mean "
-                "absolute deviation), L2 (standard deviation) or L-infinity (maximum) deviation."
-            )
-        return p
-
-    @nn.nowrap
-    def _moments(self, x: Array, layout: _Layout, mask: Array | None):
-        p = self._order()
-        if p == 2:
-            return _batch_moments(self, x, layout, mask)
-        if layout.ghosts is not None:
-            raise ValueError(
-                f"LpBatchNorm: virtual_batch_size={self.virtual_batch_size!r} needs p=2, got p={self.p!r}; "
-                "leave virtual_batch_size=None for the L1 and L-infinity deviations."
-            )
-        if jnp.iscomplexobj(x):
-            raise TypeError(
-                f"LpBatchNorm: a complex input (dtype {x.dtype}) needs p=2, got p={self.p!r}; the "
-                "L1 and L-infinity deviations are defined here for real inputs only."
-            )
-        dev, (count, mean) = _lp_deviation(self, x, layout.reduce, mask, p)
-        var = jnp.square(dev * _LP_SCALE[p])
-        return (mean, var), (mean, var, count > 0)
-
-
-def _lp_deviation(mdl: LpBatchNorm, x: Array, axes: tuple[int, ...], mask: Array | None, p: float):
-    """``(s, (count, mean))``: the L1 mean absolute deviation or the L∞ maximum deviation about
-    the batch mean, over ``axes`` and across ``axis_name``; 0 where no element is valid."""
-    layer = type(mdl).__name__
-    mask = _stats.check_mask(mask, x, layer=layer)
-    axis_name = None if mdl.is_initializing() else mdl.axis_name
-    groups = mdl.axis_index_groups
-    x = jnp.asarray(x, _stats.stats_dtype(x.dtype, mdl.dtype))
-    if p == 1:  # the mean of the union (first collective), then the deviations about it (second)
-        count, mean, _ = _stats.synced_moments(x, axes, mask=mask, axis_name=axis_name,
-                                                axis_index_groups=groups, layer=layer)
-        spread = jnp.abs(x - jnp.expand_dims(mean, axes))
-        _, dev, _ = _stats.synced_moments(spread, axes, mask=mask, axis_name=axis_name,
-                                          axis_index_groups=groups, layer=layer)
-        return dev, (count, mean)
-    count, mean, m2 = _stats.local_moments(x, axes, mask, True)
-    valid = jnp.ones(x.shape, bool) if mask is None else mask
-    hi = jnp.max(jnp.where(valid, x, -jnp.inf), axes)
-    lo = jnp.min(jnp.where(valid, x, jnp.inf), axes)
-    if axis_name is not None:  # one collective: every device's count, mean, M2, max and min
-        stacked, member = _stats.gather_all(jnp.stack([count, mean, m2, hi, lo]), axis_name, groups, layer=layer)
-        n_i = stacked[:, 0]
-        if member is not None:
-            n_i = jnp.where(jnp.reshape(member, (-1,) + (1,) * (n_i.ndim - 1)), n_i, 0)
-        count, mean, _ = _stats.combine_moments(n_i, stacked[:, 1], jnp.where(n_i > 0, stacked[:, 2], 0))
-        hi = jnp.max(jnp.where(n_i > 0, stacked[:, 3], -jnp.inf), 0)
-        lo = jnp.min(jnp.where(n_i > 0, stacked[:, 4], jnp.inf), 0)
-    dev = jnp.maximum(hi - mean, mean - lo)
-    return jnp.where(count > 0, dev, 0.0), (count, mean)
+    def _map(self, x: Array, use_running_average: bool | None, mask: Array | None) -> AffineMap:
+        use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        shape = self._features(x)
+        running = self._running(shape)
+        scale, bias = self._affine(shape)
+        amap, new = F._lp_map(x, running[0].value, running[1].value, scale, bias, p=self.p, training=not use_ra,
+                              **self._options(mask))
+        self._store(running, new, x, not use_ra)
+        return amap

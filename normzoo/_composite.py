@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from normzoo import _stats
+from normzoo import functional as F
 from normzoo._batch import BatchNorm, _BatchFields
 from normzoo._sample import InstanceNorm
 from normzoo._stats import AffineMap
@@ -32,8 +32,8 @@ class IBN(_BatchFields):
     The two parts contribute only their maps (``affine_map``: statistics and parameters
     folded into ``y = (x - mean) * mul + add``); the maps are joined along the channels
     and applied in one pass over ``x``, so the activations are never split into copies and
-    concatenated back (fwd+bwd 0.62x / 0.76x the time of the split-and-concatenate version
-    at 128x32x32x16 / 128x8x8x64 on CPU).
+    concatenated back (``benchmarks/README.md`` has the measured cost). The arithmetic is
+    :func:`normzoo.functional.ibn`.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -68,31 +68,4 @@ class IBN(_BatchFields):
                       if f.name not in ("parent", "name")}
             return BatchNorm(**fields, name="BN").affine_map(part, use_running_average, mask=mask)
 
-        return ibn_map(x, mask, self.ratio, self.axis, instance, batch)
-
-
-def ibn_map(x: Array, mask: Array | None, ratio: float, axis, instance, batch) -> AffineMap:
-    """IBN's map: ``instance(x[:k], mask, axis)`` on the first ``k = int(C * ratio)`` channels of
-    ``axis``, ``batch(x[k:], mask)`` on the rest (each an :class:`AffineMap`), joined along
-    ``axis``. Shared by the linen and the nnx layer, which differ only in how parts are held."""
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(
-            f"IBN: ratio={ratio!r} must lie in [0, 1] (the fraction of channels that "
-            "are instance-normalized; 0 is BatchNorm, 1 is InstanceNorm)."
-        )
-    if not isinstance(axis, int):
-        raise ValueError(f"IBN: axis={axis!r} must be a single int (the channel axis).")
-    (axis,) = _stats.canonicalize_axes(x.ndim, axis, argument="axis", layer="IBN")
-    channels = x.shape[axis]
-    k = int(channels * ratio)
-    mask = _stats.check_mask(mask, x, layer="IBN")
-    parts = jnp.split(x, [k], axis)
-    masks = (None, None) if mask is None else jnp.split(mask, [k], axis)
-    maps = []
-    if k > 0:
-        maps.append(instance(parts[0], masks[0], axis))
-    if k < channels:
-        maps.append(batch(parts[1], masks[1]))
-    if len(maps) == 1:
-        return maps[0]
-    return maps[0].join(maps[1], axis, x.ndim, k, channels)
+        return F._ibn_map(x, mask, self.ratio, self.axis, instance, batch)

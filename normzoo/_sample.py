@@ -16,44 +16,25 @@ from flax.linen import initializers
 from jax import lax
 
 from normzoo import _stats
-from normzoo._stats import AffineMap, RunningStats
+from normzoo import functional as F
+from normzoo._batch import _Shell
+from normzoo._stats import AffineMap
 
 Array = jax.Array
 Initializer = Any
 Axes = Any
 
 
-def _normalizing_map(
-    mdl: nn.Module, x: Array, mean: Array, var: Array, reduction_axes, feature_axes, *,
-    use_bias: bool,
-) -> AffineMap:
-    """The map ``(x - mean) / sqrt(var + eps) * scale + bias`` of a per-sample layer: the
-    statistics lack ``reduction_axes``, ``scale`` and ``bias`` span ``feature_axes``."""
-    scale, bias = _stats.affine_params(
-        mdl, tuple(x.shape[a] for a in feature_axes),
-        _stats.feature_view(x.ndim, feature_axes, x.shape), use_scale=mdl.use_scale,
-        use_bias=use_bias, scale_init=mdl.scale_init, bias_init=mdl.bias_init,
-        param_dtype=mdl.param_dtype, force_float32_reductions=mdl.force_float32_reductions,
-    )
-    return AffineMap.normalizing(
-        x, jnp.expand_dims(mean, reduction_axes),
-        jnp.expand_dims(lax.rsqrt(var + mdl.epsilon), reduction_axes),
-        scale=scale, bias=bias, dtype=mdl.dtype,
-    )
-
-
-def _moments(mdl: nn.Module, x: Array, axes, mask, *, use_mean: bool = True):
-    return _stats.moments(
-        x, axes, mask=mask, use_mean=use_mean, dtype=mdl.dtype, axis_name=mdl.axis_name,
-        axis_index_groups=mdl.axis_index_groups, layer=type(mdl).__name__,
-    )
-
-
 def _axes(mdl: nn.Module, x: Array, name: str) -> tuple[int, ...]:
     return _stats.canonicalize_axes(x.ndim, getattr(mdl, name), argument=name, layer=type(mdl).__name__)
 
 
-class LayerNorm(nn.Module):
+def _options(mdl: nn.Module, mask: Array | None) -> dict[str, Any]:
+    return dict(epsilon=mdl.epsilon, mask=mask, axis_name=mdl.axis_name, axis_index_groups=mdl.axis_index_groups,
+                dtype=mdl.dtype, layer=type(mdl).__name__)
+
+
+class LayerNorm(_Shell):
     r"""Layer normalization (Ba et al. 2016, arXiv:1607.06450); drop-in for ``flax.linen.LayerNorm``.
 
     .. math:: y = \gamma \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} + \beta
@@ -103,18 +84,13 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
         """Normalizes ``x``; ``mask`` (boolean, broadcastable) selects what enters the statistics."""
-        return self._map(x, mask)(x)
-
-    @nn.nowrap
-    def _map(self, x: Array, mask: Array | None) -> AffineMap:
-        reduction_axes = _axes(self, x, "reduction_axes")
-        mean, var = _moments(self, x, reduction_axes, mask)
-        return _normalizing_map(
-            self, x, mean, var, reduction_axes, _axes(self, x, "feature_axes"), use_bias=self.use_bias
-        )
+        reduction_axes, feature_axes = _axes(self, x, "reduction_axes"), _axes(self, x, "feature_axes")
+        scale, bias = self._affine(_stats.feature_shape(x, feature_axes))
+        return F._sample_map(x, scale, bias, reduction_axes=reduction_axes, feature_axes=feature_axes,
+                             use_mean=True, **_options(self, mask))(x)
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(_Shell):
     r"""Root-mean-square normalization (Zhang & Sennrich 2019, arXiv:1910.07467); drop-in for ``flax.linen.RMSNorm``.
 
     .. math:: y = \gamma \frac{x}{\sqrt{\mathrm{E}[|x|^2] + \epsilon}}
@@ -151,18 +127,13 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
         """Normalizes ``x`` by its root mean square over ``reduction_axes``."""
-        return self._map(x, mask)(x)
-
-    @nn.nowrap
-    def _map(self, x: Array, mask: Array | None) -> AffineMap:
-        reduction_axes = _axes(self, x, "reduction_axes")
-        mean, var = _moments(self, x, reduction_axes, mask, use_mean=False)
-        return _normalizing_map(
-            self, x, mean, var, reduction_axes, _axes(self, x, "feature_axes"), use_bias=self.use_bias
-        )
+        reduction_axes, feature_axes = _axes(self, x, "reduction_axes"), _axes(self, x, "feature_axes")
+        scale, bias = self._affine(_stats.feature_shape(x, feature_axes))
+        return F._sample_map(x, scale, bias, reduction_axes=reduction_axes, feature_axes=feature_axes,
+                             use_mean=False, **_options(self, mask))(x)
 
 
-class GroupNorm(nn.Module):
+class GroupNorm(_Shell):
     r"""Group normalization (Wu & He 2018, arXiv:1803.08494); drop-in for ``flax.linen.GroupNorm``.
 
     The channels (last axis) are split into ``num_groups`` groups of ``group_size``
@@ -211,61 +182,12 @@ class GroupNorm(nn.Module):
     @nn.compact
     def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
         """Normalizes ``x`` per example and channel group."""
-        return self._map(x, mask)(x)
-
-    @nn.nowrap
-    def _map(self, x: Array, mask: Array | None) -> AffineMap:
-        layer = type(self).__name__
-        red = self.reduction_axes
-        if red is None:  # flax's default: every axis but the first, and the channels
-            red = tuple(range(1, x.ndim - 1)) + (-1,)
-        red = _stats.canonicalize_axes(x.ndim, red, argument="reduction_axes", layer=layer)
-        if red[-1] != x.ndim - 1:
-            raise ValueError(
-                f"{layer}: reduction_axes={self.reduction_axes!r} must include the last "
-                "(channel) axis, which is split into groups; add -1."
-            )
-        channels = x.shape[-1]
-        if (self.num_groups is None) == (self.group_size is None):
-            raise ValueError(
-                f"{layer}: give exactly one of num_groups={self.num_groups!r} and "
-                f"group_size={self.group_size!r}; to use group_size pass num_groups=None "
-                "(num_groups defaults to 32)."
-            )
-        if self.group_size is not None:
-            if self.group_size <= 0 or channels % self.group_size:
-                raise ValueError(
-                    f"{layer}: group_size={self.group_size} must be positive and divide the "
-                    f"{channels} channels of the input (shape {tuple(x.shape)}); choose a divisor of {channels}."
-                )
-            groups = channels // self.group_size
-        else:
-            groups = self.num_groups
-            if groups <= 0 or channels % groups:
-                raise ValueError(
-                    f"{layer}: num_groups={groups} must be positive and divide the {channels} "
-                    f"channels of the input (shape {tuple(x.shape)}); choose a divisor of "
-                    f"{channels}, or set group_size instead."
-                )
-        size = channels // groups
-        spatial = red[:-1]
-        # Per-channel (count, mean, M2) over the spatial axes in the natural layout, then
-        # Chan's combination across the channels of each group: only the small per-channel
-        # statistics are regrouped, never the activations.
-        count, mean, m2 = _stats.synced_moments(
-            x, spatial, mask=mask, dtype=self.dtype, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, layer=layer,
-        )
-        grouped = lambda a: jnp.reshape(a, a.shape[:-1] + (groups, size))  # noqa: E731
-        count, gmean, gm2 = _stats.combine_moments(grouped(count), grouped(mean), grouped(m2), axis=-1)
-        per_channel = lambda a: jnp.repeat(a, size, axis=-1)  # noqa: E731
-        return _normalizing_map(
-            self, x, per_channel(gmean), per_channel(gm2 / jnp.maximum(count, 1)), spatial,
-            (x.ndim - 1,), use_bias=self.use_bias,
-        )
+        scale, bias = self._affine(x.shape[-1:])
+        return F._group_map(x, scale, bias, num_groups=self.num_groups, group_size=self.group_size,
+                            reduction_axes=self.reduction_axes, **_options(self, mask))(x)
 
 
-class InstanceNorm(nn.Module):
+class InstanceNorm(_Shell):
     r"""Instance normalization (Ulyanov et al. 2016, arXiv:1607.08022); drop-in for ``flax.linen.InstanceNorm``.
 
     Each example and channel is normalized over the remaining (spatial) axes:
@@ -328,27 +250,14 @@ class InstanceNorm(nn.Module):
     @nn.nowrap
     def _map(self, x: Array, mask: Array | None, use_running_average: bool | None) -> AffineMap:
         feature_axes = _axes(self, x, "feature_axes")
-        if 0 in feature_axes:
-            raise ValueError(
-                f"InstanceNorm: feature_axes={self.feature_axes!r} includes axis 0, which is the "
-                "batch axis; name the channel axes only (e.g. -1)."
-            )
-        reduction_axes = tuple(i for i in range(1, x.ndim) if i not in feature_axes)
-        if not self.track_running_stats:
-            mean, var = _moments(self, x, reduction_axes, mask)
-            return _normalizing_map(self, x, mean, var, reduction_axes, feature_axes, use_bias=self.use_bias)
-        use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
-        shape = tuple(x.shape[a] for a in feature_axes)
-        dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
-        running = RunningStats.create(self, shape, momentum=self.momentum, dtype=dtype)
-        if use_ra:
-            # Instance statistics have shape (batch, *features); the running ones broadcast.
-            mean = jnp.reshape(running.mean.value, (1,) + shape)
-            var = jnp.reshape(running.var.value, (1,) + shape)
-        else:
-            mean, var = _moments(self, x, reduction_axes, mask)
-            running.update(
-                self, (jnp.mean(mean, 0), jnp.mean(var, 0), None),
-                _stats.nominal_dtype(x.dtype, self.dtype, self.force_float32_reductions),
-            )
-        return _normalizing_map(self, x, mean, var, reduction_axes, feature_axes, use_bias=self.use_bias)
+        scale, bias = self._affine(_stats.feature_shape(x, feature_axes))
+        training, running = True, [None, None]
+        if self.track_running_stats:
+            use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+            training, running = not use_ra, self._running(_stats.feature_shape(x, feature_axes))
+        amap, new = F._instance_map(
+            x, scale, bias, *(None if v is None else v.value for v in running), training=training,
+            momentum=self.momentum, feature_axes=self.feature_axes, **_options(self, mask),
+        )
+        self._store(running, new, x, training)
+        return amap

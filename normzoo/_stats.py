@@ -494,78 +494,66 @@ def sync_batch_stats(batch_stats: Any, axis_name: str, axis_index_groups: Any = 
     return jax.tree.unflatten(treedef, out)
 
 
-def param_with_shape(mdl, name: str, init, shape: tuple[int, ...], dtype, *, what: str):
-    """``mdl.param`` that explains a shape mismatch with existing variables."""
-    if mdl.has_variable("params", name):
-        existing = tuple(mdl.get_variable("params", name).shape)
-        if existing != tuple(shape):
+# ----------------------------------------------------------------------------- shapes and running statistics
+
+
+def feature_shape(x: Array, axes: tuple[int, ...]) -> tuple[int, ...]:
+    """The sizes of ``x`` along ``axes``: the shape of per-feature parameters and statistics."""
+    return tuple(x.shape[a] for a in axes)
+
+
+def feature_view(rank: int, feature_axes: tuple[int, ...], shape) -> tuple[int, ...]:
+    """The broadcastable shape of per-feature parameters for an input of ``rank``."""
+    view = [1] * rank
+    for a in feature_axes:
+        view[a] = shape[a]
+    return tuple(view)
+
+
+def check_features(layer: str, x: Array, axes: tuple[int, ...], argument: str, **arrays: Any) -> tuple[int, ...]:
+    """Checks that every array given (None: absent) has the feature shape of ``x`` along ``axes``
+    (named ``argument``); returns that shape."""
+    shape = feature_shape(x, axes)
+    for name, a in arrays.items():
+        if a is not None and tuple(jnp.shape(a)) != shape:
             raise ValueError(
-                f"{type(mdl).__name__}: the input has {what} {tuple(shape)}, but the existing "
-                f"params[{name!r}] has shape {existing}. These variables were created for a "
-                f"different input; re-run `init` with the new input shape, or feed inputs "
-                f"whose {what} is {existing}."
+                f"{layer}: `{name}` has shape {tuple(jnp.shape(a))}, but the input of shape "
+                f"{tuple(x.shape)} has {shape} features along `{argument}`={axes}; give it shape "
+                f"{shape} (in a Flax model: build the layer, or re-run `init`, for this input's features)."
             )
-    return mdl.param(name, init, tuple(shape), dtype)
+    return shape
 
 
-def variable_with_shape(mdl, collection: str, name: str, init, shape, *, what: str):
-    """``mdl.variable`` for running statistics, with the same mismatch check."""
-    if mdl.has_variable(collection, name):
-        existing = tuple(mdl.get_variable(collection, name).shape)
-        if existing != tuple(shape):
-            raise ValueError(
-                f"{type(mdl).__name__}: the input has {what} {tuple(shape)}, but the existing "
-                f"{collection}[{name!r}] has shape {existing}. Re-run `init` with the new "
-                f"input shape, or feed inputs whose {what} is {existing}."
-            )
-    return mdl.variable(collection, name, init, tuple(shape))
+def check_momentum(momentum: Any, *, layer: str) -> None:
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(
+            f"{layer}: momentum={momentum!r} must lie in [0, 1] (flax convention: "
+            "running = momentum * running + (1 - momentum) * batch; PyTorch's 0.1 is 0.9 here)."
+        )
 
 
-# ----------------------------------------------------------------------------- running statistics
+def ema(running: Array | None, batch: Array, momentum: float, valid: Array | None, dtype: Any) -> Array | None:
+    """``momentum * running + (1 - momentum) * batch``, kept where ``valid`` is False (no data
+    arrived), in ``running``'s dtype promoted with ``dtype`` (flax's: a complex batch mean makes
+    the running mean complex). None stays None (statistics not tracked)."""
+    if running is None:
+        return None
+    new = momentum * running + (1.0 - momentum) * batch
+    if valid is not None:
+        new = jnp.where(valid, new, running)
+    return lax.stop_gradient(jnp.asarray(new, jnp.promote_types(jnp.result_type(running), dtype)))
 
 
-@dataclasses.dataclass(frozen=True)
-class RunningStats:
-    """A layer's running averages in ``batch_stats``: flax's names, dtypes and update rule.
+def normalizing_moments(count: Array, mean: Array, m2: Array) -> tuple[Array, Array]:
+    """``(mean, var)`` to normalize with, from ``(count, mean, M2)``.
 
-    ``running = momentum * running + (1 - momentum) * batch``; never updated while
-    initializing. Created float32 (``param_dtype`` with ``force_float32_reductions=False``),
-    as flax does; an update takes the dtype flax's would (complex batch means make the
-    running mean complex).
+    Where no element was counted (a channel emptied by a mask) there is nothing to normalize
+    by: the neutral statistics ``mean = 0, var = 1`` are used there, so the output is the
+    affine part alone (``scale * x / sqrt(1 + eps) + bias``), never ``x / sqrt(eps)``. Every layer
+    takes its statistics through here.
     """
-
-    mean: Any
-    var: Any
-    momentum: float
-
-    @classmethod
-    def create(cls, mdl, shape: tuple[int, ...], *, momentum: float, dtype: Any,
-               track_var: bool = True) -> RunningStats:
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(
-                f"{type(mdl).__name__}: momentum={momentum!r} must lie in [0, 1] (flax convention: "
-                "running = momentum * running + (1 - momentum) * batch; PyTorch's 0.1 is 0.9 here)."
-            )
-        def new(name, fill):
-            return variable_with_shape(
-                mdl, "batch_stats", name, lambda s: jnp.full(s, fill, dtype), shape, what="feature shape"
-            )
-        return cls(new("mean", 0), new("var", 1) if track_var else None, momentum)
-
-    def update(self, mdl, batch: tuple[Array, Array, Array | None], nominal: Any) -> None:
-        """Moves the averages toward ``batch = (mean, var, valid)``; where ``valid`` (a
-        bool per feature, or None for all) is False, no data arrived and they stay.
-        No-op while initializing. ``nominal`` is flax's statistics dtype (:func:`nominal_dtype`)."""
-        if mdl.is_initializing():
-            return
-        mean, var, valid = batch
-        # flax's variances are real (E|x - mean|^2) even where its means are complex.
-        for v, stat, dtype in ((self.mean, mean, nominal), (self.var, var, _real_dtype(nominal))):
-            if v is not None:
-                new = self.momentum * v.value + (1.0 - self.momentum) * stat
-                if valid is not None:
-                    new = jnp.where(valid, new, v.value)
-                v.value = jnp.asarray(new, jnp.promote_types(v.value.dtype, dtype))
+    has = count > 0
+    return jnp.where(has, mean, 0), jnp.where(has, m2 / jnp.maximum(count, 1), 1)
 
 
 # ----------------------------------------------------------------------------- the output map
@@ -677,6 +665,10 @@ def _apply_map(x: Array, amap: AffineMap, path: str | None = None) -> Array:
     if amap.small_mean is None or math.prod(jnp.broadcast_shapes(*parts)) >= x.size:
         y = _centered(*args)
     else:
+        # Under shard_map the per-channel terms are replicated and x is not: cast them to x's
+        # varying axes here, outside the branch, so that the backward pass sums their
+        # cotangents across devices once, after the branch, instead of once in each branch.
+        args = (x,) + tuple(None if a is None else _varying_like(a, x) for a in args[1:])
         y = by_platform(
             checked=lambda: _checked(amap.small_mean, _shortcut, jax.checkpoint(_centered), *args),
             shifted=lambda: _centered(*args),
@@ -684,52 +676,45 @@ def _apply_map(x: Array, amap: AffineMap, path: str | None = None) -> Array:
     return jnp.asarray(y, amap.dtype)
 
 
-def affine_params(mdl, shape: tuple[int, ...], view: tuple[int, ...], *, use_scale: bool,
-                  use_bias: bool, scale_init, bias_init, param_dtype, force_float32_reductions: bool = True):
-    """A layer's ``scale`` and ``bias`` (created in that order, as flax does) reshaped to ``view``.
-
-    Absent ones are None. ``force_float32_reductions=False`` casts them to ``param_dtype``
-    (flax's meaning; it matters for variables loaded in another dtype).
-    """
-    out = []
-    for use, name, init in ((use_scale, "scale", scale_init), (use_bias, "bias", bias_init)):
-        p = None
-        if use:
-            p = param_with_shape(mdl, name, init, shape, param_dtype, what="feature shape")
-            p = jnp.reshape(p if force_float32_reductions else jnp.asarray(p, param_dtype), view)
-        out.append(p)
-    return tuple(out)
+def _varying_axes(a: Any) -> frozenset:
+    """The mesh axes ``a`` varies over inside ``shard_map`` (empty elsewhere)."""
+    aval = jax.typeof(a)
+    mat = getattr(aval, "mat", None)
+    return frozenset(getattr(mat, "varying", None) or getattr(aval, "vma", None) or ())
 
 
-def feature_view(rank: int, feature_axes: tuple[int, ...], shape) -> tuple[int, ...]:
-    """The broadcastable shape of per-feature parameters for an input of ``rank``."""
-    view = [1] * rank
-    for a in feature_axes:
-        view[a] = shape[a]
-    return tuple(view)
+def _varying_like(a: Array, x: Array) -> Array:
+    """``a`` marked as varying over every mesh axis ``x`` varies over (a no-op outside shard_map)."""
+    missing = tuple(sorted(_varying_axes(x) - _varying_axes(a)))
+    if not missing:
+        return a
+    if hasattr(lax, "pcast"):
+        return lax.pcast(a, missing, to="varying")
+    return lax.pvary(a, missing)  # jax < 0.8
 
 
 __all__ = [
     "AffineMap",
     "PATHS",
-    "RunningStats",
     "UnboundAxisError",
     "abs_sq",
-    "affine_params",
     "by_platform",
     "canonicalize_axes",
+    "check_features",
     "check_mask",
+    "check_momentum",
     "combine_moments",
+    "ema",
+    "feature_shape",
     "feature_view",
     "gather_all",
     "group_mean",
     "local_moments",
     "moments",
+    "normalizing_moments",
     "nominal_dtype",
-    "param_with_shape",
     "statistics_path",
     "stats_dtype",
     "synced_moments",
     "sync_batch_stats",
-    "variable_with_shape",
 ]

@@ -35,12 +35,14 @@ from jax.extend import core as jcore
 from jax.interpreters import ad, batching, mlir
 
 from normzoo import _stats, _weight
+from normzoo import functional as F
 from normzoo._batch import _Mapped
 from normzoo._composite import IBN
 from normzoo._sample import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from normzoo._stats import AffineMap
 
-__all__ = ["Folded", "adabn", "batch_statistics", "fold", "from_torch", "precise_batch_stats", "to_torch"]
+__all__ = ["Folded", "adabn", "batch_statistics", "fold", "fold_pair", "from_torch", "precise_batch_stats",
+           "to_torch"]
 
 Array = jax.Array
 
@@ -182,7 +184,7 @@ def _discover(model, method, kwargs):
                 y = next_fun(x, *args[1:], **kw)
                 call.map, call.dtype = _flax_batch_norm_map(m, x), y.dtype
                 return y
-            amap = m._map(x, given, kw.get("mask"))  # what __call__ applies
+            amap = m.affine_map(x, given, mask=kw.get("mask"))  # what __call__ applies
             call.map, call.dtype = (amap.mean, amap.mul, amap.add), amap.dtype
             return amap(x)
         if name == "__call__" and isinstance(m, _PER_EXAMPLE):
@@ -259,7 +261,7 @@ def _plain(m: nn.Module) -> nn.Module:
 
 def _kernel_and_bias(m: nn.Module, params: Mapping):
     if isinstance(m, _WEIGHT_NORM):
-        kernel = _weight.weight_norm_kernel(m, params["v"], params["g"])
+        kernel = F.weight_norm(params["v"], params["g"], epsilon=m.epsilon, mask=getattr(m, "mask", None), dtype=m.dtype)
     else:
         kernel = params["kernel"]
     return kernel, params.get("bias")
@@ -318,6 +320,53 @@ def fold(model: nn.Module, variables: Mapping, *args, method: Callable | str | N
       A :class:`Folded`: ``.variables``, ``.apply(variables, *args, **kwargs)`` (or call it),
       ``.report``, ``.folded``, ``.unfolded``, ``.max_error``.
     """
+    calls, plan, reference = _plan(model, variables, args, method, kwargs)
+    new_variables, actions, report = _rewrite(calls, plan, variables)
+    return _verify(Folded(model, new_variables, tuple(report), 0.0, actions, method), args, kwargs, reference)
+
+
+def fold_pair(kernel: Array, bias: Array | None, mean: Array, mul: Array, add: Array, *, axis: int = -1):
+    r"""One producer and the per-channel inference map ``y = (x - mean) * mul + add`` after it,
+    as one producer: ``W' = W \cdot m`` along the kernel's output axis ``axis``, ``b' = (b - \mu)
+    m + a`` (a missing ``bias`` is zero).
+
+    Computed in at least float32; returned in the kernel's (and bias') dtype. ``mean``, ``mul`` and
+    ``add`` are vectors over the output channels.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from normzoo import deploy
+      >>> k, b = deploy.fold_pair(jnp.ones((2, 3)), jnp.zeros(3), jnp.full(3, 1.0), jnp.array([1.0, 2.0, 3.0]),
+      ...                         jnp.full(3, 0.5))
+      >>> k.tolist(), b.tolist()
+      ([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]], [-0.5, -1.5, -2.5])
+    """
+    f32 = jnp.promote_types(jnp.result_type(kernel), jnp.float32)
+    k32 = jnp.asarray(kernel, f32)
+    axis = axis % k32.ndim
+    view = [1] * k32.ndim
+    view[axis] = -1
+    b32 = jnp.zeros((k32.shape[axis],), f32) if bias is None else jnp.asarray(bias, f32)
+    new_bias = (b32 - jnp.asarray(mean, f32)) * jnp.asarray(mul, f32) + jnp.asarray(add, f32)
+    new_kernel = k32 * jnp.reshape(jnp.asarray(mul, f32), view)
+    return (jnp.asarray(new_kernel, jnp.result_type(kernel)),
+            jnp.asarray(new_bias, jnp.result_type(kernel) if bias is None else jnp.result_type(bias)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Decision:
+    """What becomes of one normalizer: ``"folded"`` into ``producer`` (with its per-channel
+    vectors), ``"affine"`` (its map, for ``reason``) or ``"kept"``."""
+
+    call: int
+    status: str
+    reason: str = ""
+    producer: int | None = None
+    vectors: tuple | None = None  # (mean, mul, add) over the normalizer's channels
+
+
+def _plan(model, variables, args, method, kwargs):
+    """Traces the model once: ``(calls, decisions, reference outputs)``."""
     # The marked program gives the structure, its run the maps' values (a plain jitted call: the
     # one that reports tracers leaking out of a lifted transform).
     calls, traced = _discover(model, method, kwargs)
@@ -335,7 +384,43 @@ def fold(model: nn.Module, variables: Mapping, *args, method: Callable | str | N
     counts: dict[tuple, int] = {}
     for c in calls:
         counts[c.path] = counts.get(c.path, 0) + 1
+    decisions, claimed = [], set()
+    for index, c in enumerate(calls):
+        if c.role == "producer":
+            continue
+        if c.role == "kept":
+            decisions.append(_Decision(index, "kept", "per-example statistics: nothing to fold"))
+            continue
+        if c.map is None:  # IBN with ratio 1: no batch part
+            decisions.append(_Decision(index, "kept", "no batch-statistics part (ratio=1)"))
+            continue
+        if counts[c.path] > 1:  # one map per call (e.g. inputs of different ranks): leave it as it is
+            decisions.append(_Decision(index, "kept", "called more than once (shared weights): one map per call"))
+            continue
+        producer, reason = consumers.get(index, (None, "not traced at the top level"))
+        vectors = None
+        if producer is not None:
+            p = calls[producer]
+            channels = p.module.features if c.role != "ibn" else jnp.shape(c.map[1])[-1]
+            vectors = tuple(_per_channel(a, c.rank, channels, f) for a, f in zip(c.map, (0.0, 1.0, 0.0)))
+            if counts[p.path] > 1:
+                producer, reason = None, "its producer is called more than once (shared weights)"
+            elif c.role == "ibn" and c.module.axis % c.rank != c.rank - 1:
+                producer, reason = None, "IBN's channel axis is not the producer's output channels"
+            elif any(v is None for v in vectors):
+                producer, reason = None, "statistics along other axes than the producer's output channels"
+            elif p.path in claimed:
+                producer, reason = None, "its producer is already folded"
+        if producer is None:
+            decisions.append(_Decision(index, "affine", reason))
+        else:
+            claimed.add(calls[producer].path)
+            decisions.append(_Decision(index, "folded", producer=producer, vectors=vectors))
+    return calls, decisions, reference
 
+
+def _rewrite(calls, decisions, variables):
+    """The inference variables and the intercepts that use them: ``(variables, actions, report)``."""
     flat = traverse_util.flatten_dict(nn.unbox(dict(variables)))
 
     def drop(path):
@@ -350,66 +435,35 @@ def fold(model: nn.Module, variables: Mapping, *args, method: Callable | str | N
     def params_at(path):
         return {k[-1]: v for k, v in flat.items() if k[:-1] == ("params",) + path}
 
+    actions, report, used = {}, [], set()
+
     def make_plain(c, kernel, bias):  # the producer becomes a plain Dense / Conv
         drop(c.path)
         put(c.path, kernel=kernel, bias=bias)
         actions[c.path] = ("__call__", "plain", _plain(c.module))
         used.add(c.path)
 
-    actions, report, used = {}, [], set()
-    for index, c in enumerate(calls):
-        label = "/".join(c.path)
-        kind = type(c.module).__name__
-        if c.role == "kept":
-            report.append((label, kind, "kept", "per-example statistics: nothing to fold"))
-            continue
-        if c.role == "producer":
-            continue
-        producer, reason = consumers.get(index, (None, "not traced at the top level"))
+    for d in decisions:
+        c = calls[d.call]
+        label, kind = "/".join(c.path), type(c.module).__name__
         norm_path = c.path + ("BN",) if c.role == "ibn" else c.path
-        if c.map is None:  # IBN with ratio 1: no batch part
-            report.append((label, kind, "kept", "no batch-statistics part (ratio=1)"))
+        if d.status == "kept":
+            report.append((label, kind, "kept", d.reason))
             continue
-        if counts[c.path] > 1:  # one map per call (e.g. inputs of different ranks): leave it as it is
-            report.append((label, kind, "kept", "called more than once (shared weights): one map per call"))
-            continue
-        mean, mul, add = c.map
-        if producer is not None:
-            p = calls[producer]
-            channels = p.module.features
-            vectors = [_per_channel(a, c.rank, channels if c.role != "ibn" else jnp.shape(mul)[-1], f)
-                       for a, f in ((mean, 0.0), (mul, 1.0), (add, 0.0))]
-            if counts[p.path] > 1:
-                producer, reason = None, "its producer is called more than once (shared weights)"
-            elif c.role == "ibn" and c.module.axis % c.rank != c.rank - 1:
-                producer, reason = None, "IBN's channel axis is not the producer's output channels"
-            elif any(v is None for v in vectors):
-                producer, reason = None, "statistics along other axes than the producer's output channels"
-            elif p.path in used:
-                producer, reason = None, "its producer is already folded"
-        if producer is None:
+        if d.status == "affine":
+            mean, mul, add = c.map
             drop(norm_path)
             put(norm_path, mean=mean, mul=mul, add=add)
-            if c.role == "ibn":
-                actions[norm_path] = ("affine_map", "map", c.dtype)
-            else:
-                actions[c.path] = ("__call__", "affine", c.dtype)
-            report.append((label, kind, "affine", reason))
+            actions[norm_path] = ("affine_map", "map", c.dtype) if c.role == "ibn" else ("__call__", "affine", c.dtype)
+            report.append((label, kind, "affine", d.reason))
             continue
-        p = calls[producer]
-        m_vec, a_vec, mu = vectors[1], vectors[2], vectors[0]
+        p = calls[d.producer]
         kernel, bias = _kernel_and_bias(p.module, params_at(p.path))
-        f32 = jnp.promote_types(jnp.result_type(kernel), jnp.float32)
-        k32 = jnp.asarray(kernel, f32)
-        out = _out_axis(p.module) % k32.ndim
-        split = k32.shape[out] - m_vec.shape[0]  # IBN: its batch part is the last channels
-        scale = jnp.concatenate([jnp.ones((split,), f32), jnp.asarray(m_vec, f32)])
-        shift_b = jnp.zeros((k32.shape[out],), f32) if bias is None else jnp.asarray(bias, f32)
-        new_bias = jnp.concatenate([shift_b[:split], (shift_b[split:] - mu) * m_vec + a_vec])
-        view = [1] * k32.ndim
-        view[out] = -1
-        make_plain(p, jnp.asarray(k32 * jnp.reshape(scale, view), jnp.result_type(kernel)),
-                   jnp.asarray(new_bias, jnp.result_type(kernel) if bias is None else jnp.result_type(bias)))
+        out = _out_axis(p.module)
+        mu, m_vec, a_vec = d.vectors
+        split = jnp.shape(kernel)[out] - m_vec.shape[0]  # IBN: its batch part is the last channels
+        pad = lambda v, fill: jnp.concatenate([jnp.full((split,), fill, jnp.result_type(v)), v])  # noqa: E731
+        make_plain(p, *fold_pair(kernel, bias, pad(mu, 0.0), pad(m_vec, 1.0), pad(a_vec, 0.0), axis=out))
         drop(norm_path)
         if c.role == "ibn":
             shape = (1,) * (c.rank - 1) + (m_vec.shape[0],)
@@ -418,6 +472,9 @@ def fold(model: nn.Module, variables: Mapping, *args, method: Callable | str | N
         else:
             actions[c.path] = ("__call__", "identity", c.dtype)
         report.append((label, kind, "folded", "/".join(p.path)))
+    counts: dict[tuple, int] = {}
+    for c in calls:
+        counts[c.path] = counts.get(c.path, 0) + 1
     for c in calls:  # WeightNorm layers not folded into: materialized
         if c.role == "producer" and isinstance(c.module, _WEIGHT_NORM) and c.path not in used:
             if counts[c.path] > 1:
@@ -428,10 +485,12 @@ def fold(model: nn.Module, variables: Mapping, *args, method: Callable | str | N
             dtype = jnp.result_type(params["v"])
             make_plain(c, jnp.asarray(kernel, dtype), jnp.zeros((c.module.features,), dtype) if bias is None else bias)
             report.append(("/".join(c.path), type(c.module).__name__, "materialized", "g * v / ||v||"))
+    return traverse_util.unflatten_dict(flat), actions, report
 
-    new_variables = traverse_util.unflatten_dict(flat)
-    result = Folded(model, new_variables, tuple(report), 0.0, actions, method)
-    got = jax.jit(lambda v, *a: result.apply(v, *a, **kwargs))(new_variables, *args)
+
+def _verify(result: Folded, args, kwargs, reference) -> Folded:
+    """``result`` with its ``max_error`` against the model's outputs; an error beyond ``_MAX_ERROR``."""
+    got = jax.jit(lambda v, *a: result.apply(v, *a, **kwargs))(result.variables, *args)
     if jax.tree.map(jnp.shape, got) != jax.tree.map(jnp.shape, reference):
         error = float("inf")
     else:
@@ -443,10 +502,9 @@ def fold(model: nn.Module, variables: Mapping, *args, method: Callable | str | N
             f"fold: the folded model's outputs differ from the model's on the sample input (max relative "
             f"error {error:.3g}, or other shapes): something reads a folded layer other than through "
             "its output (tied weights, a producer's kernel used elsewhere?). Folded pairs: "
-            f"{dict((p, d) for p, _, st, d in report if st == 'folded')}."
+            f"{result.folded}."
         )
     return dataclasses.replace(result, max_error=error)
-
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -464,9 +522,10 @@ def batch_statistics(model: nn.Module, variables: Mapping, *args, method: Callab
     """One batch's statistics, exactly as every running-statistics layer computes them in training.
 
     Runs ``model.apply(variables, *args, mutable=['batch_stats'], **kwargs)`` (give the
-    training-mode arguments, e.g. ``train=True``) with the ``momentum`` of every layer that has
-    one and keeps ``batch_stats`` (flax's and normzoo's BatchNorm family, IBN, InstanceNorm with
-    running statistics, or your own flax-style layer) set to 0 for the call, so that each layer's
+    training-mode arguments, e.g. ``train=True``) with every layer that has a ``momentum`` and
+    keeps ``batch_stats`` (flax's and normzoo's BatchNorm family, IBN, InstanceNorm with running
+    statistics, or your own flax-style layer) run, through a method interceptor, as a copy of
+    itself with ``momentum=0`` on its own variables (nothing is mutated), so that each layer's
     updated running statistics are this batch's statistics: its own reduction, masks, ghost
     batches and cross-device sync (``axis_name``, or a sharded batch under ``jit``) included.
     Each layer still normalizes as in training (BatchRenorm with its running statistics).
@@ -475,31 +534,41 @@ def batch_statistics(model: nn.Module, variables: Mapping, *args, method: Callab
     Returns:
       A ``batch_stats`` tree shaped like ``variables['batch_stats']``.
     """
-    trained = []
+    found: dict[tuple[str, ...], Any] = {}
+    inside: list[bool] = []
 
-    def zero_momentum(next_fun, a, kw, context):
+    def capture(next_fun, a, kw, context):
+        # Each running-statistics layer runs as a copy with momentum 0 (its updated running
+        # statistics are then this batch's), on its own variables; the model sees its output.
         m = context.module
-        if context.method_name not in ("__call__", "affine_map") or not _momentum_field(m):
+        if inside or context.method_name not in ("__call__", "affine_map") or not _momentum_field(m):
             return next_fun(*a, **kw)
         given = a[1] if len(a) > 1 else kw.get("use_running_average")
-        if not getattr(m, "use_running_average", None) and not given:
-            trained.append(m.path)
-        momentum = m.momentum
-        object.__setattr__(m, "momentum", 0.0)  # flax modules are frozen: the field for this call only
-        try:
+        if (given if given is not None else m.use_running_average):  # inference: no statistics taken
             return next_fun(*a, **kw)
+        rngs = {name: m.make_rng(name) for name in getattr(m.scope, "rngs", {})}
+        inside.append(True)
+        try:
+            out, updates = m.clone(parent=None, momentum=0.0).apply(
+                m.variables, *a, method=context.method_name, mutable=["batch_stats"], rngs=rngs, **kw)
         finally:
-            object.__setattr__(m, "momentum", momentum)
+            inside.pop()
+        found[m.path] = updates["batch_stats"]
+        return out
 
-    with nn.intercept_methods(zero_momentum):
+    with nn.intercept_methods(capture):
         _, updates = model.apply(variables, *args, method=method, mutable=["batch_stats"], **kwargs)
-    if not trained:
+    if not found:
         raise ValueError(
             "batch_statistics: no layer computed batch statistics (each ran with "
             "use_running_average=True, or none keeps batch_stats): pass the model's "
             "training-mode arguments, e.g. train=True."
         )
-    return updates["batch_stats"]
+    flat = traverse_util.flatten_dict(dict(updates["batch_stats"]))
+    for path, stats in found.items():
+        for key, value in traverse_util.flatten_dict(dict(stats)).items():
+            flat[path + key] = value
+    return traverse_util.unflatten_dict(flat)
 
 
 def precise_batch_stats(model: nn.Module, variables: Mapping, batches: Iterable, *,

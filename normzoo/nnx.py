@@ -9,13 +9,12 @@ normzoo one and back. ``model.train()`` / ``model.eval()`` / ``nnx.view`` and
 normzoo's own options (``virtual_batch_size``, BatchRenorm's bounds, ...) follow flax's
 arguments, keyword-only, with the linen layer's defaults.
 
-One implementation of the maths: a layer here holds its variables and configuration and
-runs the linen layer's own ``_map`` (statistics, renormalization, ghost batches, the output
-map; ``normzoo._batch`` and ``normzoo._sample``) against them, through :class:`_Scope`,
-which gives that code the few Module methods it uses (``param``, ``variable``,
-``is_initializing``, ...) backed by this module's ``nnx.Variable`` s. The variables
-themselves are created the same way: at construction the linen code runs once, in its
-initializing mode, on a placeholder input with ``num_features`` channels.
+Like flax.nnx's, each class creates its variables in ``__init__``, keeps the configuration
+flax.nnx keeps as attributes (not the initializers: the graph does not depend on how a layer
+was initialized), and its ``__call__`` promotes dtypes with ``promote_dtype`` (flax's meaning:
+it decides the dtypes of the input and the variables; the statistics stay in at least
+float32), calls the layer's function in :mod:`normzoo.functional` and writes the new running
+statistics back. The linen layers call the same functions.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -33,10 +32,9 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import inspect
-from collections.abc import Mapping
+import numbers
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -44,12 +42,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.linen import dtypes as _linen_dtypes
 from flax.nnx.nn import dtypes as _flax_dtypes
 from flax.nnx.nn import initializers
 from flax.nnx.nn.linear import default_kernel_init
 
-from normzoo import _batch, _composite, _registry, _sample, _weight
+from normzoo import _registry, _stats, _weight
+from normzoo import functional as F
 from normzoo._stats import AffineMap
 
 Array = jax.Array
@@ -59,161 +57,33 @@ __all__ = ["BatchNorm", "BatchRenorm", "CosineConv", "CosineLinear", "GroupNorm"
            "make", "to_linen"]
 
 
-# ----------------------------------------------------------------------------- the bridge to the shared code
+# ----------------------------------------------------------------------------- shared pieces
 
 
-class _Handle:
-    """``mdl.variable(...)``'s result for the shared code: ``.value`` reads and writes an nnx.Variable."""
-
-    def __init__(self, variable: nnx.Variable):
-        self._variable = variable
-
-    @property
-    def value(self):
-        return self._variable[...]
-
-    @value.setter
-    def value(self, new):
-        # Running statistics are state, never differentiated (flax.nnx stops gradients too).
-        self._variable[...] = jax.lax.stop_gradient(new)
-
-
-class _Scope:
-    """What the linen layers' ``_map`` code asks of ``self``, answered by an nnx module.
-
-    Field names read the nnx module's attributes (``overrides`` first); the linen class's
-    helper methods (``_params``, ``_correction``, ...) run bound to this scope; ``param`` and
-    ``variable`` return the module's ``nnx.Param`` / ``nnx.BatchStat`` values, creating them
-    while ``creating`` (construction), with keys drawn from ``rngs.params()`` in the order
-    the code asks for them (flax.nnx's order: ``scale`` before ``bias``).
-    """
-
-    def __init__(self, module: nnx.Module, creating: _Creating | None, overrides: Mapping[str, Any]):
-        self._module, self._creating, self._overrides = module, creating, overrides
-        self._fields = _linen_fields(type(module)._linen)
-
-    def __getattr__(self, name: str):
-        if name in self._overrides:
-            return self._overrides[name]
-        if name == "axis_name" and self._creating is not None:
-            return None  # construction runs outside any mapped context
-        if name in self._fields:
-            return getattr(self._module, name)
-        method = getattr(type(self._module)._linen, name)  # a helper of the linen layer
-        return method.__get__(self)
-
-    def is_initializing(self) -> bool:
-        return self._creating is not None
-
-    def make_rng(self, name: str):
-        stream = getattr(self._module, "rngs", None)
-        if stream is None:
-            raise ValueError(
-                f"{type(self._module).__name__}: no rng stream {name!r} to draw the noise from; build the "
-                f"layer with rngs=nnx.Rngs(params=..., {name}=...) (or nnx.Rngs(0))."
-            )
-        return stream()
-
-    def has_variable(self, collection: str, name: str) -> bool:
-        return isinstance(getattr(self._module, name, None), _KIND[collection])
-
-    def get_variable(self, collection: str, name: str):
-        return getattr(self._module, name)[...]
-
-    def param(self, name: str, init, shape, dtype):
-        if self._creating is not None:
-            key = self._creating.rngs.params()
-            setattr(self._module, name, nnx.Param(init(key, shape, dtype), **self._creating.metadata.get(name, {})))
-        return self._existing("params", name)[...]
-
-    def variable(self, collection: str, name: str, init, *args):
-        if self._creating is not None:
-            setattr(self._module, name, _KIND[collection](init(*args)))
-        return _Handle(self._existing(collection, name))
-
-    def _existing(self, collection: str, name: str) -> nnx.Variable:
-        if not self.has_variable(collection, name):
-            raise ValueError(
-                f"{type(self._module).__name__}: no {collection}[{name!r}] variable; it is created "
-                "at construction, so this layer was configured differently from the one whose "
-                "variables were loaded into it."
-            )
-        return getattr(self._module, name)
-
-
-_KIND = {"params": nnx.Param, "batch_stats": nnx.BatchStat}
-
-
-@dataclasses.dataclass(frozen=True)
-class _Creating:
-    """Construction: where parameter keys come from, and each parameter's nnx metadata."""
-
-    rngs: nnx.Rngs
-    metadata: Mapping[str, Mapping[str, Any]]
-
-
-@functools.cache
-def _linen_fields(linen_cls) -> frozenset[str]:
-    return frozenset(f.name for f in dataclasses.fields(linen_cls) if f.name not in ("parent", "name"))
-
-
-@functools.cache
-def _scope_type(name: str) -> type:
-    # Error messages of the shared code name ``type(self).__name__``: the layer's name.
-    return type(name, (_Scope,), {})
-
-
-def _placeholder(num_features, feature_axes, other_axes=(), batch: int = 1) -> Array:
-    """A zero input with ``num_features`` on ``feature_axes`` and 1 elsewhere (``batch`` on
-    axis 0), of the smallest rank in which every axis named exists."""
-    feature_shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
-    feature_axes = (feature_axes,) if isinstance(feature_axes, int) else tuple(feature_axes)
-    if len(feature_shape) != len(feature_axes):
+def _shape(num_features: int | Sequence[int], axes: Any, layer: str) -> tuple[int, ...]:
+    """The variables' shape: ``(num_features,)``, or one size per feature axis."""
+    shape = (int(num_features),) if isinstance(num_features, numbers.Integral) else tuple(num_features)
+    n_axes = 1 if isinstance(axes, numbers.Integral) else len(tuple(axes))
+    if len(shape) != n_axes:
         raise ValueError(
-            f"num_features={num_features!r} must give one size per feature axis {feature_axes!r}; "
+            f"{layer}: num_features={num_features!r} must give one size per feature axis ({axes!r}); "
             "pass an int for a single feature axis or a tuple of sizes."
         )
-    other_axes = (other_axes,) if isinstance(other_axes, int) else tuple(other_axes or ())
-    axes = feature_axes + other_axes
-    # Room for the positive axes, then the negative ones, none of them axis 0 unless named so.
-    rank = max(2, 1 + max([a + 1 for a in axes if a >= 0], default=0) + max([-a for a in axes if a < 0], default=0))
-    shape = [1] * rank
-    shape[0] = batch
-    for a, n in zip(feature_axes, feature_shape):
-        shape[a] = n
-    return jnp.zeros(shape, jnp.float32)
+    return shape
 
 
-class _Layer(nnx.Module):
-    """The shell: configuration and variables here, the maths in ``_linen``'s ``_map``."""
-
-    _linen: type  # the linen layer whose code runs
-    _optional = ("scale", "bias")  # parameters that are None when unused, as in flax.nnx
-
-    def _configure(self, config: dict, metadata: dict, rngs: nnx.Rngs, placeholder: Array) -> None:
-        if config.get("promote_dtype", _flax_dtypes.promote_dtype) is not _flax_dtypes.promote_dtype:
-            raise ValueError(
-                f"{type(self).__name__}: promote_dtype={config['promote_dtype']!r} is not supported: "
-                "normzoo promotes as flax's default (flax.nnx.nn.dtypes.promote_dtype) and keeps its "
-                "statistics in at least float32; use `dtype` to choose the output dtype."
-            )
-        for name, value in config.items():
-            setattr(self, name, value)
-        # The linen code, initializing, creates the variables (flax.nnx's names and order).
-        try:
-            self._run(placeholder, creating=_Creating(rngs, metadata))
-        except ValueError as e:
-            raise type(e)(f"{e} (at construction: num_features and the axes are checked on a "
-                          f"placeholder input of shape {tuple(placeholder.shape)})") from None
-        for name in self._optional:  # as flax.nnx: None where the parameter is not used
-            if not hasattr(self, name):
-                setattr(self, name, nnx.data(None))
-
-    def _scope(self, creating: _Creating | None, overrides: Mapping[str, Any]) -> _Scope:
-        return _scope_type(type(self).__name__)(self, creating, overrides)
+def _param(use: bool, init: Any, rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any, metadata: Mapping[str, Any]):
+    """An ``nnx.Param`` drawn with the next ``params`` key, or ``nnx.data(None)`` where unused (flax.nnx's)."""
+    if not use:
+        return nnx.data(None)
+    return nnx.Param(init(rngs.params(), shape, dtype), **metadata)
 
 
-def _first_from(call, attribute, layer: str):
+def _value(variable: nnx.Variable | None) -> Array | None:
+    return None if variable is None else variable[...]
+
+
+def _first_from(call: bool | None, attribute: bool | None, layer: str) -> bool:
     # flax.nnx's rule: the call's value wins over the attribute; one of them is required.
     value = call if call is not None else attribute
     if value is None:
@@ -224,47 +94,98 @@ def _first_from(call, attribute, layer: str):
     return value
 
 
-# ----------------------------------------------------------------------------- batch family
-
-
-class _BatchLayer(_Layer):
-    def _run(self, x, *, use_running_average=True, mask=None, creating=None) -> AffineMap:
-        overrides = {"use_running_average": None, "force_float32_reductions": True}
-        if self.dtype is None and creating is None:
-            # flax.nnx promotes x with the (float32) running statistics and the parameters.
-            params = [v[...].dtype for v in (self.scale, self.bias) if isinstance(v, nnx.Variable)]
-            overrides["dtype"] = jnp.result_type(jnp.asarray(x).dtype, jnp.float32, *params)
-        scope = self._scope(creating, overrides)
-        return self._linen._map(scope, x, use_running_average, mask)
-
-    def __call__(self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None) -> Array:
-        """Normalizes ``x``: with batch statistics (running ones updated) or, if
-        ``use_running_average`` (the call's value, else the attribute), the running ones.
-        ``mask`` (boolean, broadcastable to ``x``) selects what enters the statistics."""
-        return self.affine_map(x, use_running_average, mask=mask)(x)
-
-    def affine_map(self, x: Array, use_running_average: bool | None = None, *,
-                   mask: Array | None = None) -> AffineMap:
-        """The map ``y = (x - mean) * mul + add`` that ``__call__`` applies (same arguments and updates)."""
-        use_ra = _first_from(use_running_average, self.use_running_average, type(self).__name__)
-        return self._run(x, use_running_average=use_ra, mask=mask)
+class _RunningAverage(nnx.Module):
+    """``use_running_average`` as flax.nnx.BatchNorm has it: an attribute that ``model.train()``,
+    ``model.eval()`` and ``nnx.view`` set, and a call argument that wins."""
 
     def set_view(self, use_running_average: bool | None = None):
-        """For ``nnx.view``: sets ``use_running_average``."""
+        """Class method used by ``nnx.view``.
+
+        Args:
+          use_running_average: if True, the stored running statistics are used instead of
+            computing the batch statistics on the input.
+        """
         if use_running_average is not None:
             self.use_running_average = use_running_average
 
 
-class BatchNorm(_BatchLayer):
+# ----------------------------------------------------------------------------- batch family
+
+
+class _BatchNorm(_RunningAverage):
+    """The shell of the batch family: ``__call__`` applies ``_map``'s output map to ``x``;
+    ``affine_map`` returns it (IBN and deployment code join and fold maps)."""
+
+    def __call__(self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None) -> Array:
+        """Normalizes ``x``: with batch statistics (running ones updated) or, if
+        ``use_running_average`` (the call's value, else the attribute), the running ones.
+
+        Args:
+          x: the input to be normalized.
+          use_running_average: if True, the stored running statistics are used instead of
+            the batch's; takes precedence over the attribute.
+          mask: boolean, broadcastable to ``x``: the elements that enter the statistics.
+
+        Returns:
+          Normalized inputs (the same shape as inputs).
+        """
+        return self._map(x, use_running_average, mask)(x)
+
+    def affine_map(self, x: Array, use_running_average: bool | None = None, *,
+                   mask: Array | None = None) -> AffineMap:
+        """The map ``y = (x - mean) * mul + add`` that ``__call__`` applies (same arguments and updates)."""
+        return self._map(x, use_running_average, mask)
+
+    def _inputs(self, x: Array, use_running_average: bool | None):
+        """``(training, x, (mean, var), scale, bias)`` after ``promote_dtype``, as flax.nnx.BatchNorm
+        promotes them: the running statistics a training call updates are the stored ones; the ones
+        an inference call normalizes by are the promoted ones."""
+        training = not _first_from(use_running_average, self.use_running_average, type(self).__name__)
+        stored = (_value(self.mean), _value(getattr(self, "var", None)))
+        x, mean, var, scale, bias = self.promote_dtype(
+            (x, *stored, _value(self.scale), _value(self.bias)), dtype=self.dtype)
+        return training, x, stored if training else (mean, var), scale, bias
+
+    def _options(self, mask: Array | None) -> dict[str, Any]:
+        return dict(momentum=self.momentum, epsilon=self.epsilon, axis=self.axis, mask=mask,
+                    axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+                    virtual_batch_size=self.virtual_batch_size, dtype=self.dtype, layer=type(self).__name__)
+
+    def _store(self, training: bool, new: Mapping[str, Array | None]) -> None:
+        if training:
+            for name, value in new.items():
+                if value is not None:
+                    getattr(self, name)[...] = value
+
+    def _configure(self, num_features, use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias,
+                   use_scale, axis_name, axis_index_groups, use_fast_variance, promote_dtype, virtual_batch_size):
+        # What flax.nnx.BatchNorm keeps (not the initializers), then normzoo's option.
+        self.num_features = num_features
+        self.use_running_average = use_running_average
+        self.axis = axis
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.use_bias = use_bias
+        self.use_scale = use_scale
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+        self.use_fast_variance = use_fast_variance
+        self.promote_dtype = promote_dtype
+        self.virtual_batch_size = virtual_batch_size
+
+
+class BatchNorm(_BatchNorm):
     r"""Batch normalization as an ``nnx.Module``; drop-in for ``flax.nnx.BatchNorm``.
 
     .. math:: y = \gamma \frac{x - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}} + \beta
 
     with the batch's mean and (biased) variance over every axis but ``axis`` in training,
     the running ones (``r = momentum * r + (1 - momentum) * b``) with
-    ``use_running_average``. The arithmetic is :class:`normzoo.BatchNorm`'s (stable variance
-    in at least float32, one-collective count-weighted sync with ``axis_name``, masks, ghost
-    batches); see there for the differences from flax.
+    ``use_running_average``. The arithmetic is :func:`normzoo.functional.batch_norm` (stable
+    variance in at least float32, one-collective count-weighted sync with ``axis_name``, masks,
+    ghost batches); :class:`normzoo.BatchNorm` lists the differences from flax.
 
     Example:
       >>> import jax
@@ -276,16 +197,14 @@ class BatchNorm(_BatchLayer):
       ['mean', 'var']
 
     Args:
-      num_features: the number of channels (the size of ``axis``).
+      num_features: the number of channels (the size of ``axis``; a tuple of sizes for a
+        tuple of axes).
       use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias, use_scale,
         bias_init, scale_init, axis_name, axis_index_groups, use_fast_variance,
         promote_dtype, rngs, bias_metadata, scale_metadata: as ``flax.nnx.BatchNorm``
-        (``use_fast_variance`` has no effect: the variance is always stable;
-        ``promote_dtype`` must be flax's default).
+        (``use_fast_variance`` has no effect: the variance is always stable).
       virtual_batch_size: (normzoo) ghost batch size, as :class:`normzoo.BatchNorm`.
     """
-
-    _linen = _batch.BatchNorm
 
     def __init__(
         self,
@@ -310,23 +229,31 @@ class BatchNorm(_BatchLayer):
         scale_metadata: Mapping[str, Any] = MappingProxyType({}),
         virtual_batch_size: int | None = None,
     ):
-        config = {k: v for k, v in locals().items() if k not in _NOT_CONFIG}
-        self._configure(config, {"bias": bias_metadata, "scale": scale_metadata}, rngs,
-                        _placeholder(num_features, axis, batch=virtual_batch_size or 1))
+        shape = _shape(num_features, axis, "BatchNorm")
+        self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
+        self.scale = _param(use_scale, scale_init, rngs, shape, param_dtype, scale_metadata)
+        self.bias = _param(use_bias, bias_init, rngs, shape, param_dtype, bias_metadata)
+        self._configure(num_features, use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias,
+                        use_scale, axis_name, axis_index_groups, use_fast_variance, promote_dtype, virtual_batch_size)
+
+    def _map(self, x: Array, use_running_average: bool | None, mask: Array | None) -> AffineMap:
+        training, x, (mean, var), scale, bias = self._inputs(x, use_running_average)
+        amap, new = F._batch_map(x, mean, var, scale, bias, training=training, **self._options(mask))
+        self._store(training, new._asdict())
+        return amap
 
 
-_NOT_CONFIG = ("self", "rngs", "bias_metadata", "scale_metadata", "__class__")
-
-
-class BatchRenorm(_BatchLayer):
+class BatchRenorm(_BatchNorm):
     r"""Batch renormalization (Ioffe 2017) as an ``nnx.Module`` (flax.nnx has none).
 
     .. math:: y = \gamma \Big(\frac{x - \mu_B}{\sigma_B} r + d\Big) + \beta
 
     with ``r`` and ``d`` clipped to ``[1/r_max, r_max]`` and ``[-d_max, d_max]`` and relaxed
     from (1, 0) over ``warmup_steps`` (counted in the ``steps`` BatchStat); the arithmetic is
-    :class:`normzoo.BatchRenorm`'s, which documents every field. Arguments: those of
-    :class:`BatchNorm`, then ``r_max``, ``d_max``, ``warmup_steps``, ``warmup_schedule``.
+    :func:`normzoo.functional.batch_renorm`, and :class:`normzoo.BatchRenorm` documents every
+    field. Arguments: those of :class:`BatchNorm`, then ``r_max``, ``d_max``, ``warmup_steps``,
+    ``warmup_schedule``.
 
     Example:
       >>> import jax
@@ -337,8 +264,6 @@ class BatchRenorm(_BatchLayer):
       >>> int(layer.steps[...])
       1
     """
-
-    _linen = _batch.BatchRenorm
 
     def __init__(
         self,
@@ -367,18 +292,36 @@ class BatchRenorm(_BatchLayer):
         warmup_steps: int = 5000,
         warmup_schedule: str = "linear",
     ):
-        config = {k: v for k, v in locals().items() if k not in _NOT_CONFIG}
-        self._configure(config, {"bias": bias_metadata, "scale": scale_metadata}, rngs,
-                        _placeholder(num_features, axis, batch=virtual_batch_size or 1))
+        F._check_renorm(r_max, d_max, warmup_steps, warmup_schedule, "BatchRenorm")
+        shape = _shape(num_features, axis, "BatchRenorm")
+        self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
+        self.steps = nnx.BatchStat(jnp.zeros((), jnp.int32))
+        self.scale = _param(use_scale, scale_init, rngs, shape, param_dtype, scale_metadata)
+        self.bias = _param(use_bias, bias_init, rngs, shape, param_dtype, bias_metadata)
+        self._configure(num_features, use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias,
+                        use_scale, axis_name, axis_index_groups, use_fast_variance, promote_dtype, virtual_batch_size)
+        self.r_max = r_max
+        self.d_max = d_max
+        self.warmup_steps = warmup_steps
+        self.warmup_schedule = warmup_schedule
+
+    def _map(self, x: Array, use_running_average: bool | None, mask: Array | None) -> AffineMap:
+        training, x, (mean, var), scale, bias = self._inputs(x, use_running_average)
+        amap, new = F._renorm_map(
+            x, mean, var, self.steps[...], scale, bias, training=training, r_max=self.r_max, d_max=self.d_max,
+            warmup_steps=self.warmup_steps, warmup_schedule=self.warmup_schedule, **self._options(mask))
+        self._store(training, new._asdict())
+        return amap
 
 
-class MeanOnlyBatchNorm(_BatchLayer):
+class MeanOnlyBatchNorm(_BatchNorm):
     r"""Mean-only batch normalization (Salimans & Kingma 2016) as an ``nnx.Module``.
 
     .. math:: y = x - \mu_B + \beta
 
     Arguments as :class:`BatchNorm` (``use_scale`` defaults to False); only the ``mean``
-    BatchStat is kept. The arithmetic is :class:`normzoo.MeanOnlyBatchNorm`'s.
+    BatchStat is kept. The arithmetic is :func:`normzoo.functional.mean_only_batch_norm`.
 
     Example:
       >>> import jax.numpy as jnp
@@ -387,8 +330,6 @@ class MeanOnlyBatchNorm(_BatchLayer):
       >>> nznnx.MeanOnlyBatchNorm(2, rngs=nnx.Rngs(0))(jnp.arange(6.0).reshape(3, 2)).tolist()
       [[-2.0, -2.0], [0.0, 0.0], [2.0, 2.0]]
     """
-
-    _linen = _batch.MeanOnlyBatchNorm
 
     def __init__(
         self,
@@ -413,19 +354,28 @@ class MeanOnlyBatchNorm(_BatchLayer):
         scale_metadata: Mapping[str, Any] = MappingProxyType({}),
         virtual_batch_size: int | None = None,
     ):
-        config = {k: v for k, v in locals().items() if k not in _NOT_CONFIG}
-        self._configure(config, {"bias": bias_metadata, "scale": scale_metadata}, rngs,
-                        _placeholder(num_features, axis, batch=virtual_batch_size or 1))
+        shape = _shape(num_features, axis, "MeanOnlyBatchNorm")
+        self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
+        self.scale = _param(use_scale, scale_init, rngs, shape, param_dtype, scale_metadata)
+        self.bias = _param(use_bias, bias_init, rngs, shape, param_dtype, bias_metadata)
+        self._configure(num_features, use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias,
+                        use_scale, axis_name, axis_index_groups, use_fast_variance, promote_dtype, virtual_batch_size)
+
+    def _map(self, x: Array, use_running_average: bool | None, mask: Array | None) -> AffineMap:
+        training, x, (mean, _), scale, bias = self._inputs(x, use_running_average)
+        amap, new = F._batch_map(x, mean, None, scale, bias, training=training, divide=False, **self._options(mask))
+        self._store(training, {"mean": new.mean})
+        return amap
 
 
-class LpBatchNorm(_BatchLayer):
+class LpBatchNorm(_BatchNorm):
     r"""Batch normalization by the batch's L1, L2 or L∞ deviation (Santurkar et al. 2018) as an ``nnx.Module``.
 
     .. math:: y = \gamma \frac{x - \mu_B}{\sqrt{s_p^2 + \epsilon}} + \beta
 
     with ``s_1 = sqrt(pi/2) E|x - mu_B|``, ``s_2`` the standard deviation, ``s_inf = max |x - mu_B|``;
     the arithmetic, running statistics (``mean``, ``var = s_p^2``) and sync are
-    :class:`normzoo.LpBatchNorm`'s. Arguments: those of :class:`BatchNorm`, then ``p``.
+    :func:`normzoo.functional.lp_batch_norm`'s. Arguments: those of :class:`BatchNorm`, then ``p``.
 
     Example:
       >>> import jax
@@ -435,8 +385,6 @@ class LpBatchNorm(_BatchLayer):
       >>> layer(jax.random.normal(jax.random.key(0), (64, 3))).shape
       (64, 3)
     """
-
-    _linen = _batch.LpBatchNorm
 
     def __init__(
         self,
@@ -462,23 +410,36 @@ class LpBatchNorm(_BatchLayer):
         virtual_batch_size: int | None = None,
         p: float | str = 2,
     ):
-        config = {k: v for k, v in locals().items() if k not in _NOT_CONFIG}
-        self._configure(config, {"bias": bias_metadata, "scale": scale_metadata}, rngs,
-                        _placeholder(num_features, axis, batch=virtual_batch_size or 1))
+        F._lp_order(p, "LpBatchNorm")
+        shape = _shape(num_features, axis, "LpBatchNorm")
+        self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
+        self.scale = _param(use_scale, scale_init, rngs, shape, param_dtype, scale_metadata)
+        self.bias = _param(use_bias, bias_init, rngs, shape, param_dtype, bias_metadata)
+        self._configure(num_features, use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias,
+                        use_scale, axis_name, axis_index_groups, use_fast_variance, promote_dtype, virtual_batch_size)
+        self.p = p
+
+    def _map(self, x: Array, use_running_average: bool | None, mask: Array | None) -> AffineMap:
+        training, x, (mean, var), scale, bias = self._inputs(x, use_running_average)
+        amap, new = F._lp_map(x, mean, var, scale, bias, p=self.p, training=training, **self._options(mask))
+        self._store(training, new._asdict())
+        return amap
 
 
-class NoisyBatchNorm(_BatchLayer):
+class NoisyBatchNorm(_BatchNorm):
     r"""BatchNorm followed by per-activation noise whose distribution changes every step
     (Santurkar et al. 2018's "noisy" BatchNorm) as an ``nnx.Module``.
 
     .. math:: y_{ij} = s_{ij}\, \mathrm{BN}(x)_{ij} + m_{ij}, \quad s_{ij} \sim \mathcal{N}(\sigma_j, w^2),
         \ m_{ij} \sim U(\mu_j - w, \mu_j + w)
 
-    with ``mu_j``, ``sigma_j`` drawn per feature at every call; :class:`normzoo.NoisyBatchNorm`
-    documents every field. Arguments: those of :class:`BatchNorm`, then ``shift_range``,
-    ``scale_range``, ``noise_width``, ``rng_collection``. The keys come from the stream
-    ``rngs[rng_collection]`` given at construction (forked, as ``nnx.Dropout`` does; without
-    such a stream, ``rngs``' default one); no noise with ``use_running_average``.
+    with ``mu_j``, ``sigma_j`` drawn per feature at every call; :func:`normzoo.functional.noisy_batch_norm`
+    is the arithmetic and :class:`normzoo.NoisyBatchNorm` documents every field. Arguments:
+    those of :class:`BatchNorm`, then ``shift_range``, ``scale_range``, ``noise_width``,
+    ``rng_collection``. The keys come from the stream ``rngs[rng_collection]`` given at
+    construction (forked, as ``nnx.Dropout`` does; without such a stream, ``rngs``' default
+    one); no noise with ``use_running_average``.
 
     Example:
       >>> import jax
@@ -489,8 +450,6 @@ class NoisyBatchNorm(_BatchLayer):
       >>> bool((y1 != y2).any())  # new noise at every call
       True
     """
-
-    _linen = _batch.NoisyBatchNorm
 
     def __init__(
         self,
@@ -519,31 +478,63 @@ class NoisyBatchNorm(_BatchLayer):
         noise_width: float = 0.1,
         rng_collection: str = "noise",
     ):
-        config = {k: v for k, v in locals().items() if k not in _NOT_CONFIG}
-        self._configure(config, {"bias": bias_metadata, "scale": scale_metadata}, rngs,
-                        _placeholder(num_features, axis, batch=virtual_batch_size or 1))
+        F._check_noise(shift_range, scale_range, noise_width, "NoisyBatchNorm")
+        shape = _shape(num_features, axis, "NoisyBatchNorm")
+        self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
+        self.scale = _param(use_scale, scale_init, rngs, shape, param_dtype, scale_metadata)
+        self.bias = _param(use_bias, bias_init, rngs, shape, param_dtype, bias_metadata)
+        self._configure(num_features, use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias,
+                        use_scale, axis_name, axis_index_groups, use_fast_variance, promote_dtype, virtual_batch_size)
+        self.shift_range = shift_range
+        self.scale_range = tuple(scale_range)
+        self.noise_width = noise_width
+        self.rng_collection = rng_collection
         self.rngs = rngs[rng_collection].fork()
+
+    def _map(self, x: Array, use_running_average: bool | None, mask: Array | None) -> AffineMap:
+        training, x, (mean, var), scale, bias = self._inputs(x, use_running_average)
+        amap, new = F._noisy_map(
+            x, mean, var, scale, bias, key=self.rngs() if training else None, training=training,
+            shift_range=self.shift_range, scale_range=self.scale_range, noise_width=self.noise_width,
+            **self._options(mask))
+        self._store(training, new._asdict())
+        return amap
 
 
 # ----------------------------------------------------------------------------- per-sample family
 
 
-class _SampleLayer(_Layer):
-    def _run(self, x, *, mask=None, creating=None) -> AffineMap:
-        scope = self._scope(creating, {"force_float32_reductions": True})
-        return self._linen._map(scope, x, mask)
+class _PerSample(nnx.Module):
+    """The per-sample shells: scale and bias promoted with ``x`` (flax.nnx's), then the function."""
 
-    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
-        """Normalizes ``x``; ``mask`` (boolean, broadcastable) selects what enters the statistics."""
-        return self._run(x, mask=mask)(x)
+    def _promoted(self, x: Array) -> tuple[Array, Array | None, Array | None]:
+        return self.promote_dtype((x, _value(self.scale), _value(self.bias)), dtype=self.dtype)
+
+    def _options(self, mask: Array | None) -> dict[str, Any]:
+        return dict(epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
+                    axis_index_groups=self.axis_index_groups, dtype=self.dtype, layer=type(self).__name__)
+
+    def _configure(self, num_features, epsilon, dtype, param_dtype, use_bias, use_scale, axis_name,
+                   axis_index_groups, use_fast_variance, promote_dtype):
+        self.num_features = num_features
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.use_bias = use_bias
+        self.use_scale = use_scale
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+        self.use_fast_variance = use_fast_variance
+        self.promote_dtype = promote_dtype
 
 
-class LayerNorm(_SampleLayer):
+class LayerNorm(_PerSample):
     r"""Layer normalization as an ``nnx.Module``; drop-in for ``flax.nnx.LayerNorm``.
 
     .. math:: y = \gamma \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} + \beta
 
-    over ``reduction_axes`` per example; the arithmetic is :class:`normzoo.LayerNorm`'s.
+    over ``reduction_axes`` per example; the arithmetic is :func:`normzoo.functional.layer_norm`.
 
     Example:
       >>> import jax.numpy as jnp
@@ -556,8 +547,6 @@ class LayerNorm(_SampleLayer):
     Args: as ``flax.nnx.LayerNorm`` (``num_features`` may also be a tuple of sizes, one per
     feature axis).
     """
-
-    _linen = _sample.LayerNorm
 
     def __init__(
         self,
@@ -580,18 +569,31 @@ class LayerNorm(_SampleLayer):
         bias_metadata: Mapping[str, Any] = MappingProxyType({}),
         scale_metadata: Mapping[str, Any] = MappingProxyType({}),
     ):
-        config = {k: v for k, v in locals().items() if k not in _NOT_CONFIG}
-        self._configure(config, {"bias": bias_metadata, "scale": scale_metadata}, rngs,
-                        _placeholder(num_features, feature_axes, reduction_axes))
+        shape = _shape(num_features, feature_axes, "LayerNorm")
+        self.scale = _param(use_scale, scale_init, rngs, shape, param_dtype, scale_metadata)
+        self.bias = _param(use_bias, bias_init, rngs, shape, param_dtype, bias_metadata)
+        self._configure(num_features, epsilon, dtype, param_dtype, use_bias, use_scale, axis_name,
+                        axis_index_groups, use_fast_variance, promote_dtype)
+        self.reduction_axes = reduction_axes
+        self.feature_axes = feature_axes
+
+    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+        """Normalizes ``x``; ``mask`` (boolean, broadcastable) selects what enters the statistics."""
+        x, scale, bias = self._promoted(x)
+        layer = type(self).__name__
+        reduction_axes = _stats.canonicalize_axes(x.ndim, self.reduction_axes, argument="reduction_axes", layer=layer)
+        feature_axes = _stats.canonicalize_axes(x.ndim, self.feature_axes, argument="feature_axes", layer=layer)
+        return F._sample_map(x, scale, bias, reduction_axes=reduction_axes, feature_axes=feature_axes,
+                             use_mean=True, **self._options(mask))(x)
 
 
-class RMSNorm(_SampleLayer):
+class RMSNorm(_PerSample):
     r"""Root-mean-square normalization as an ``nnx.Module``; drop-in for ``flax.nnx.RMSNorm``.
 
     .. math:: y = \gamma \frac{x}{\sqrt{\mathrm{E}[|x|^2] + \epsilon}}
 
-    The arithmetic is :class:`normzoo.RMSNorm`'s. Arguments: ``flax.nnx.RMSNorm``'s, then
-    normzoo's ``use_bias`` (default False) and ``bias_init``.
+    The arithmetic is :func:`normzoo.functional.rms_norm`. Arguments: ``flax.nnx.RMSNorm``'s,
+    then normzoo's ``use_bias`` (default False), ``bias_init`` and ``bias_metadata``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -601,13 +603,6 @@ class RMSNorm(_SampleLayer):
       >>> [round(float(v), 3) for v in (y * jnp.sqrt(12.5))[0]]
       [3.0, 4.0]
     """
-
-    _linen = _sample.RMSNorm
-
-    def __call__(self, x: Array, mask: Array | None = None) -> Array:
-        """Normalizes ``x``; ``mask`` (boolean, broadcastable; positional, as in flax.nnx.RMSNorm)
-        selects what enters the statistics."""
-        return self._run(x, mask=mask)(x)
 
     def __init__(
         self,
@@ -630,29 +625,45 @@ class RMSNorm(_SampleLayer):
         bias_init: Any = initializers.zeros_init(),
         bias_metadata: Mapping[str, Any] = MappingProxyType({}),
     ):
-        config = {k: v for k, v in locals().items() if k not in _NOT_CONFIG}
-        self._configure(config, {"bias": bias_metadata, "scale": scale_metadata}, rngs,
-                        _placeholder(num_features, feature_axes, reduction_axes))
+        shape = _shape(num_features, feature_axes, "RMSNorm")
+        self.scale = _param(use_scale, scale_init, rngs, shape, param_dtype, scale_metadata)
+        self.bias = _param(use_bias, bias_init, rngs, shape, param_dtype, bias_metadata)
+        self._configure(num_features, epsilon, dtype, param_dtype, use_bias, use_scale, axis_name,
+                        axis_index_groups, use_fast_variance, promote_dtype)
+        self.reduction_axes = reduction_axes
+        self.feature_axes = feature_axes
+
+    def __call__(self, x: Array, mask: Array | None = None) -> Array:
+        """Normalizes ``x``; ``mask`` (boolean, broadcastable; positional, as in flax.nnx.RMSNorm)
+        selects what enters the statistics."""
+        if self.use_bias:
+            x, scale, bias = self._promoted(x)
+        else:  # flax.nnx.RMSNorm promotes (x, scale): a custom promote_dtype sees its tuple
+            (x, scale), bias = self.promote_dtype((x, _value(self.scale)), dtype=self.dtype), None
+        layer = type(self).__name__
+        reduction_axes = _stats.canonicalize_axes(x.ndim, self.reduction_axes, argument="reduction_axes", layer=layer)
+        feature_axes = _stats.canonicalize_axes(x.ndim, self.feature_axes, argument="feature_axes", layer=layer)
+        return F._sample_map(x, scale, bias, reduction_axes=reduction_axes, feature_axes=feature_axes,
+                             use_mean=False, **self._options(mask))(x)
 
 
-class GroupNorm(_SampleLayer):
+class GroupNorm(_PerSample):
     r"""Group normalization as an ``nnx.Module``; drop-in for ``flax.nnx.GroupNorm``.
 
     .. math:: y_{n,\dots,c} = \gamma_c \frac{x_{n,\dots,c} - \mu_{n,g(c)}}{\sqrt{\sigma^2_{n,g(c)} + \epsilon}} + \beta_c
 
-    The channels (last axis) form ``num_groups`` groups (or groups of ``group_size``); the
-    arithmetic is :class:`normzoo.GroupNorm`'s.
+    The channels (last axis) form ``num_groups`` groups (or groups of ``group_size``),
+    checked against ``num_features`` here, as flax.nnx does; the arithmetic is
+    :func:`normzoo.functional.group_norm`.
 
     Example:
       >>> import jax
       >>> from flax import nnx
       >>> from normzoo import nnx as nznnx
       >>> gn = nznnx.GroupNorm(8, num_groups=2, rngs=nnx.Rngs(0))
-      >>> gn(jax.random.normal(jax.random.key(0), (2, 4, 4, 8))).shape
-      (2, 4, 4, 8)
+      >>> gn(jax.random.normal(jax.random.key(0), (2, 4, 4, 8))).shape, gn.group_size
+      ((2, 4, 4, 8), 4)
     """
-
-    _linen = _sample.GroupNorm
 
     def __init__(
         self,
@@ -676,17 +687,30 @@ class GroupNorm(_SampleLayer):
         bias_metadata: Mapping[str, Any] = MappingProxyType({}),
         scale_metadata: Mapping[str, Any] = MappingProxyType({}),
     ):
-        config = {k: v for k, v in locals().items() if k not in _NOT_CONFIG}
-        self._configure(config, {"bias": bias_metadata, "scale": scale_metadata}, rngs,
-                        _placeholder(num_features, -1, reduction_axes))
+        # As flax.nnx: both counts kept, computed and checked here.
+        self.feature_axis = -1
+        self.num_groups = F._groups(num_features, num_groups, group_size, "GroupNorm")
+        self.group_size = num_features // self.num_groups
+        self.scale = _param(use_scale, scale_init, rngs, (num_features,), param_dtype, scale_metadata)
+        self.bias = _param(use_bias, bias_init, rngs, (num_features,), param_dtype, bias_metadata)
+        self._configure(num_features, epsilon, dtype, param_dtype, use_bias, use_scale, axis_name,
+                        axis_index_groups, use_fast_variance, promote_dtype)
+        self.reduction_axes = reduction_axes
+
+    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+        """Normalizes ``x`` per example and channel group."""
+        x, scale, bias = self._promoted(x)
+        return F._group_map(x, scale, bias, num_groups=self.num_groups, group_size=None,
+                            reduction_axes=self.reduction_axes, **self._options(mask))(x)
 
 
-class InstanceNorm(_SampleLayer):
+class InstanceNorm(_PerSample, _RunningAverage):
     r"""Instance normalization as an ``nnx.Module``; drop-in for ``flax.nnx.InstanceNorm``.
 
     .. math:: y_{n,\dots,c} = \gamma_c \frac{x_{n,\dots,c} - \mu_{n,c}}{\sqrt{\sigma^2_{n,c} + \epsilon}} + \beta_c
 
-    The arithmetic is :class:`normzoo.InstanceNorm`'s. Arguments: ``flax.nnx.InstanceNorm``'s,
+    The arithmetic is :func:`normzoo.functional.instance_norm` (with ``track_running_stats``,
+    :func:`normzoo.functional.tracked_instance_norm`). Arguments: ``flax.nnx.InstanceNorm``'s,
     then normzoo's ``track_running_stats`` (keep running averages of the instance statistics
     in ``mean``/``var`` BatchStats), ``use_running_average`` and ``momentum``.
 
@@ -698,8 +722,6 @@ class InstanceNorm(_SampleLayer):
       >>> round(float(jnp.abs(y.mean((1, 2))).max()), 4)
       0.0
     """
-
-    _linen = _sample.InstanceNorm
 
     def __init__(
         self,
@@ -724,26 +746,35 @@ class InstanceNorm(_SampleLayer):
         use_running_average: bool | None = False,
         momentum: float = 0.99,
     ):
-        config = {k: v for k, v in locals().items() if k not in _NOT_CONFIG}
-        self._configure(config, {"bias": bias_metadata, "scale": scale_metadata}, rngs,
-                        _placeholder(num_features, feature_axes))
-
-    def _run(self, x, *, mask=None, use_running_average=True, creating=None) -> AffineMap:
-        scope = self._scope(creating, {"force_float32_reductions": True, "use_running_average": None})
-        return self._linen._map(scope, x, mask, use_running_average)
+        shape = _shape(num_features, feature_axes, "InstanceNorm")
+        if track_running_stats:
+            self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
+            self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
+        self.scale = _param(use_scale, scale_init, rngs, shape, param_dtype, scale_metadata)
+        self.bias = _param(use_bias, bias_init, rngs, shape, param_dtype, bias_metadata)
+        self._configure(num_features, epsilon, dtype, param_dtype, use_bias, use_scale, axis_name,
+                        axis_index_groups, use_fast_variance, promote_dtype)
+        self.feature_axes = feature_axes
+        self.track_running_stats = track_running_stats
+        self.use_running_average = use_running_average
+        self.momentum = momentum
 
     def __call__(self, x: Array, *, mask: Array | None = None, use_running_average: bool | None = None) -> Array:
         """Normalizes ``x`` per example and channel (with ``track_running_stats``,
         ``use_running_average`` selects the running statistics, as in BatchNorm)."""
-        # Without tracked statistics the shared code never reads it.
-        use_ra = (_first_from(use_running_average, self.use_running_average, "InstanceNorm")
-                  if self.track_running_stats else None)
-        return self._run(x, mask=mask, use_running_average=use_ra)(x)
+        return self._map(x, mask, use_running_average)(x)
 
-    def set_view(self, use_running_average: bool | None = None):
-        """For ``nnx.view``: sets ``use_running_average``."""
-        if use_running_average is not None:
-            self.use_running_average = use_running_average
+    def _map(self, x: Array, mask: Array | None, use_running_average: bool | None = None) -> AffineMap:
+        training, stored = True, (None, None)
+        if self.track_running_stats:  # without tracked statistics the attribute is never read
+            training = not _first_from(use_running_average, self.use_running_average, type(self).__name__)
+            stored = (self.mean[...], self.var[...])
+        x, scale, bias = self._promoted(x)
+        amap, new = F._instance_map(x, scale, bias, *stored, training=training, momentum=self.momentum,
+                                    feature_axes=self.feature_axes, **self._options(mask))
+        if self.track_running_stats and training:
+            self.mean[...], self.var[...] = new
+        return amap
 
 
 class IBN(nnx.Module):
@@ -753,9 +784,8 @@ class IBN(nnx.Module):
 
     Submodules ``IN`` (:class:`InstanceNorm` over ``k`` channels; None if ``k = 0``) and
     ``BN`` (:class:`BatchNorm` over the rest; None if none are left), named as the linen
-    :class:`normzoo.IBN`'s; their maps are joined and applied in one pass
-    (``normzoo._composite.ibn_map``, shared with linen). Arguments: :class:`BatchNorm`'s, then
-    ``ratio``.
+    :class:`normzoo.IBN`'s; their maps are joined and applied in one pass, as
+    :func:`normzoo.functional.ibn` does. Arguments: :class:`BatchNorm`'s, then ``ratio``.
 
     Example:
       >>> import jax
@@ -821,31 +851,27 @@ class IBN(nnx.Module):
 
     def __call__(self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None) -> Array:
         """Normalizes ``x`` (arguments as :meth:`BatchNorm.__call__`)."""
-        return self.affine_map(x, use_running_average, mask=mask)(x)
+        return self._map(x, use_running_average, mask)(x)
 
     def affine_map(self, x: Array, use_running_average: bool | None = None, *,
                    mask: Array | None = None) -> AffineMap:
         """The joined map ``__call__`` applies (same arguments; updates BN's running statistics)."""
-        return _composite.ibn_map(
+        return self._map(x, use_running_average, mask)
+
+    def _map(self, x: Array, use_running_average: bool | None, mask: Array | None) -> AffineMap:
+        return F._ibn_map(
             x, mask, self.ratio, self.axis,
-            lambda part, mask, axis: self.IN._run(part, mask=mask),
-            lambda part, mask: self.BN.affine_map(part, use_running_average, mask=mask),
+            lambda part, mask, axis: self.IN._map(part, mask),
+            lambda part, mask: self.BN._map(part, use_running_average, mask),
         )
 
 
 # ----------------------------------------------------------------------------- weight family
 
 
-class _WeightLayer(_Layer):
-    """Linear layers with a normalized kernel: the linen layer's ``_apply`` on this module's
-    parameters. flax.nnx's ``in_features, out_features`` name what linen infers and calls
-    ``features``; ``promote_dtype`` is flax's default."""
-
-    def _run(self, x, *, creating=None) -> Array:
-        overrides = {"features": self.out_features, "promote_dtype": _linen_dtypes.promote_dtype,
-                     "dot_general_cls": None, "conv_general_dilated_cls": None, "data_init": False,
-                     "init_scale": 1.0}
-        return self._linen._apply(self._scope(creating, overrides), x)
+class _WeightLayer(nnx.Module):
+    """Linear layers with a normalized kernel, with flax.nnx.Linear's / Conv's constructor and
+    attributes; ``promote_dtype`` as flax.nnx (it sees ``(inputs, kernel, bias)``)."""
 
     def __call__(self, inputs: Array, out_sharding: Any = None) -> Array:
         """Applies the layer to ``inputs`` (features last). ``out_sharding`` (flax.nnx's explicit-
@@ -855,37 +881,100 @@ class _WeightLayer(_Layer):
                 f"{type(self).__name__}: out_sharding={out_sharding!r} is not supported; leave it None "
                 "and shard the result with jax.sharding.reshard if needed."
             )
-        return self._run(inputs)
+        op, restore, x, sumsq = self._geometry(inputs)
+        return restore(self._apply(op, x, sumsq))
 
-    def _configure(self, config, metadata, rngs, placeholder):
+    def _geometry(self, x: Array):
+        """``(op, restore, x, sumsq)``: ``op(x, kernel)`` the layer's linear map on the prepared
+        input, ``sumsq`` the squared norms of each output's input patch (CosineNorm)."""
+        if hasattr(self, "kernel_size"):
+            geometry = F._conv_geometry(
+                x, self.out_features, self.kernel_size, strides=self.strides, padding=self.padding,
+                input_dilation=self.input_dilation, kernel_dilation=self.kernel_dilation,
+                feature_group_count=self.feature_group_count, mask=self.mask, precision=self.precision,
+                layer=type(self).__name__)
+            shape, restore, x = geometry.kernel_shape, geometry.restore, geometry.x
+            op = lambda a, k: F._convolve(geometry, a, k, self.conv_general_dilated)  # noqa: E731
+            sumsq = lambda a, kernel_shape: F._patch_sumsq(  # noqa: E731
+                geometry, a, kernel_shape, self.mask, self.feature_group_count)
+        else:
+            if x.ndim < 1:
+                raise ValueError(f"{type(self).__name__}: expected an input of rank >= 1 (features last), got a scalar.")
+            shape = (x.shape[-1], self.out_features)
+            op = lambda a, k: F._dense(a, k, self.precision, self.dot_general)  # noqa: E731
+            restore = lambda y: y  # noqa: E731
+            sumsq = lambda a, kernel_shape: jnp.sum(_stats.abs_sq(a), -1, keepdims=True)  # noqa: E731
+        if shape != self.kernel_shape:
+            raise ValueError(
+                f"{type(self).__name__}: the input of shape {tuple(x.shape)} needs a kernel of shape {shape}, "
+                f"but this layer's is {self.kernel_shape} (in_features={self.in_features})."
+            )
+        return op, restore, x, sumsq
+
+    def _configure(self, config: dict, rngs: nnx.Rngs, kernel_name: str, kernel_init, kernel_metadata,
+                   bias_init, bias_metadata, scale_init) -> None:
+        layer = type(self).__name__
         if config.pop("preferred_element_type", None) is not None:
             raise ValueError(
-                f"{type(self).__name__}: preferred_element_type is not supported; the normalized "
+                f"{layer}: preferred_element_type is not supported; the normalized "
                 "product is accumulated in at least float32 and returned in `dtype`."
             )
-        if config.get("mask") is not None:
-            config["mask"] = nnx.data(config["mask"])
-        super()._configure(config, metadata, rngs, placeholder)
+        in_features, out_features = config["in_features"], config["out_features"]
+        if "kernel_size" in config:
+            ks = config["kernel_size"]
+            ks = (ks,) if isinstance(ks, numbers.Integral) else tuple(ks)
+            groups = config["feature_group_count"]
+            if in_features % groups or out_features % groups:
+                raise ValueError(f"{layer}: feature_group_count={groups} must divide the {in_features} input "
+                                 f"and {out_features} output features.")
+            self.kernel_shape = ks + (in_features // groups, out_features)
+            config["mask"] = nnx.data(config["mask"]) if config["mask"] is not None else None
+        else:
+            self.kernel_shape = (in_features, out_features)
+        dtype = config["param_dtype"]
+        setattr(self, kernel_name, nnx.Param(kernel_init(rngs.params(), self.kernel_shape, dtype), **kernel_metadata))
+        if kernel_name == "v":  # WeightNorm: g = ||v|| direction scale
+            self.g = nnx.Param(scale_init(rngs.params(), (out_features,), dtype))
+        elif config.get("use_scale"):  # CosineNorm: a scalar output scale
+            self.scale = nnx.Param(scale_init(rngs.params(), (), dtype))
+        else:
+            self.scale = nnx.data(None)
+        self.bias = _param(config["use_bias"], bias_init, rngs, (out_features,), dtype, bias_metadata)
+        for name, value in config.items():
+            setattr(self, name, value)
 
 
-def _linear_placeholder(in_features: int) -> Array:
-    return jnp.zeros((1, in_features), jnp.float32)
+class _WeightNorm(_WeightLayer):
+    def _apply(self, op, x: Array, sumsq) -> Array:
+        kernel = F.weight_norm(self.v[...], self.g[...], epsilon=self.epsilon, mask=getattr(self, "mask", None),
+                               dtype=self.dtype)
+        x, kernel, bias = self.promote_dtype((x, kernel, _value(self.bias)), dtype=self.dtype)
+        return F._add_bias(op(x, kernel), bias)
 
 
-def _conv_placeholder(in_features: int, kernel_size, kernel_dilation) -> Array:
-    ks = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
-    dil = (1 if kernel_dilation is None else kernel_dilation,) * len(ks) if not isinstance(
-        kernel_dilation, (tuple, list)) else tuple(kernel_dilation)
-    return jnp.zeros((1,) + tuple((k - 1) * d + 1 for k, d in zip(ks, dil)) + (in_features,), jnp.float32)
+class _Cosine(_WeightLayer):
+    def _apply(self, op, x: Array, sumsq) -> Array:
+        kernel = self.kernel[...]
+        if getattr(self, "mask", None) is not None:
+            kernel = kernel * self.mask
+        x, kernel = self.promote_dtype((x, kernel), dtype=self.dtype)
+        return F._cosine(x, kernel, _value(self.bias), _value(self.scale), self.epsilon, op, sumsq, self.dtype)
 
 
-class WeightNormLinear(_WeightLayer):
+def _config(local: dict) -> dict:
+    """A constructor's arguments that become attributes (flax.nnx keeps no initializers, rngs or
+    metadata)."""
+    skip = {"self", "rngs", "kernel_init", "bias_init", "scale_init", "kernel_metadata", "bias_metadata", "__class__"}
+    return {k: v for k, v in local.items() if k not in skip}
+
+
+class WeightNormLinear(_WeightNorm):
     r"""Weight-normalized linear layer (Salimans & Kingma 2016) with ``flax.nnx.Linear``'s constructor.
 
     .. math:: y = x \cdot \Big(g \frac{v}{\lVert v \rVert}\Big) + b
 
     Parameters ``v`` (in, out; ``kernel_init``, ``kernel_metadata``), ``g`` (out;
-    ``scale_init``) and ``bias``; the arithmetic is :class:`normzoo.WeightNormDense`'s.
+    ``scale_init``) and ``bias``; the arithmetic is :func:`normzoo.functional.weight_norm`.
     (flax.nnx's ``WeightNorm`` wraps an existing layer instead; this is a layer of its own,
     like the linen one, and has no ``data_init``: NNX modules are built without data.)
 
@@ -898,9 +987,6 @@ class WeightNormLinear(_WeightLayer):
       ((3, 4), (4,))
     """
 
-    _linen = _weight.WeightNormDense
-    _optional = ("bias",)
-
     def __init__(
         self,
         in_features: int,
@@ -921,17 +1007,16 @@ class WeightNormLinear(_WeightLayer):
         scale_init: Any = initializers.ones_init(),
         epsilon: float = 1e-12,
     ):
-        config = {k: v for k, v in locals().items() if k not in _NOT_CONFIG + ("kernel_metadata",)}
-        self._configure(config, {"v": kernel_metadata, "bias": bias_metadata}, rngs, _linear_placeholder(in_features))
+        self._configure(_config(locals()), rngs, "v", kernel_init, kernel_metadata, bias_init, bias_metadata, scale_init)
 
 
-class CosineLinear(_WeightLayer):
+class CosineLinear(_Cosine):
     r"""Cosine-normalized linear layer (Luo et al. 2017) with ``flax.nnx.Linear``'s constructor.
 
     .. math:: y_j = s \frac{w_j \cdot x}{\lVert w_j \rVert \, \lVert x \rVert} + b_j
 
     ``use_bias`` defaults to False (as :class:`normzoo.CosineDense`); ``use_scale`` learns the
-    scalar ``scale`` ``s``. The arithmetic is :class:`normzoo.CosineDense`'s.
+    scalar ``scale`` ``s``. The arithmetic is :func:`normzoo.functional.cosine_dense`.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -942,8 +1027,6 @@ class CosineLinear(_WeightLayer):
       True
     """
 
-    _linen = _weight.CosineDense
-
     def __init__(
         self,
         in_features: int,
@@ -965,19 +1048,18 @@ class CosineLinear(_WeightLayer):
         scale_init: Any = initializers.ones_init(),
         epsilon: float = 1e-12,
     ):
-        config = {k: v for k, v in locals().items() if k not in _NOT_CONFIG + ("kernel_metadata",)}
-        self._configure(config, {"kernel": kernel_metadata, "bias": bias_metadata}, rngs,
-                        _linear_placeholder(in_features))
+        self._configure(_config(locals()), rngs, "kernel", kernel_init, kernel_metadata, bias_init, bias_metadata,
+                        scale_init)
 
 
-class WeightNormConv(_WeightLayer):
+class WeightNormConv(_WeightNorm):
     r"""Weight-normalized convolution (Salimans & Kingma 2016) with ``flax.nnx.Conv``'s constructor.
 
     .. math:: y = x * \Big(g \frac{v}{\lVert v \rVert}\Big) + b
 
     Parameters ``v`` (*kernel_size, in / feature_group_count, out), ``g`` (out,), ``bias``;
     every ``flax.nnx.Conv`` argument with its meaning (padding modes, dilations, groups,
-    mask). The arithmetic is :class:`normzoo.WeightNormConv`'s.
+    mask). The arithmetic is :func:`normzoo.functional.weight_norm` and :func:`normzoo.functional.conv`.
 
     Example:
       >>> import jax
@@ -987,9 +1069,6 @@ class WeightNormConv(_WeightLayer):
       >>> conv(jax.random.normal(jax.random.key(1), (2, 8, 8, 3))).shape, conv.v[...].shape
       ((2, 8, 8, 4), (3, 3, 3, 4))
     """
-
-    _linen = _weight.WeightNormConv
-    _optional = ("bias",)
 
     def __init__(
         self,
@@ -1018,18 +1097,16 @@ class WeightNormConv(_WeightLayer):
         scale_init: Any = initializers.ones_init(),
         epsilon: float = 1e-12,
     ):
-        config = {k: v for k, v in locals().items() if k not in _NOT_CONFIG + ("kernel_metadata",)}
-        self._configure(config, {"v": kernel_metadata, "bias": bias_metadata}, rngs,
-                        _conv_placeholder(in_features, kernel_size, kernel_dilation))
+        self._configure(_config(locals()), rngs, "v", kernel_init, kernel_metadata, bias_init, bias_metadata, scale_init)
 
 
-class CosineConv(_WeightLayer):
+class CosineConv(_Cosine):
     r"""Cosine-normalized convolution (Luo et al. 2017) with ``flax.nnx.Conv``'s constructor.
 
     .. math:: y_{p,j} = s \frac{w_j \cdot x_p}{\lVert w_j \rVert \, \lVert x_p \rVert} + b_j
 
     ``use_bias`` defaults to False; ``use_scale`` learns ``scale``. The arithmetic is
-    :class:`normzoo.CosineConv`'s (patch norms by a box filter, never extracted patches).
+    :func:`normzoo.functional.cosine_conv` (patch norms by a box filter, never extracted patches).
 
     Example:
       >>> import jax
@@ -1039,8 +1116,6 @@ class CosineConv(_WeightLayer):
       >>> conv(jax.random.normal(jax.random.key(1), (2, 6, 6, 3))).shape
       (2, 6, 6, 4)
     """
-
-    _linen = _weight.CosineConv
 
     def __init__(
         self,
@@ -1070,9 +1145,8 @@ class CosineConv(_WeightLayer):
         scale_init: Any = initializers.ones_init(),
         epsilon: float = 1e-12,
     ):
-        config = {k: v for k, v in locals().items() if k not in _NOT_CONFIG + ("kernel_metadata",)}
-        self._configure(config, {"kernel": kernel_metadata, "bias": bias_metadata}, rngs,
-                        _conv_placeholder(in_features, kernel_size, kernel_dilation))
+        self._configure(_config(locals()), rngs, "kernel", kernel_init, kernel_metadata, bias_init, bias_metadata,
+                        scale_init)
 
 
 # ----------------------------------------------------------------------------- registry
@@ -1093,14 +1167,20 @@ class Identity(nnx.Module):
         return x if self.dtype is None else jnp.asarray(x, self.dtype)
 
 
-_TWINS = {
-    _batch.BatchNorm: BatchNorm, _batch.BatchRenorm: BatchRenorm, _batch.MeanOnlyBatchNorm: MeanOnlyBatchNorm,
-    _batch.LpBatchNorm: LpBatchNorm, _batch.NoisyBatchNorm: NoisyBatchNorm,
-    _sample.LayerNorm: LayerNorm, _sample.RMSNorm: RMSNorm, _sample.GroupNorm: GroupNorm,
-    _sample.InstanceNorm: InstanceNorm, _composite.IBN: IBN, _registry.Identity: Identity,
-    nn.Dense: nnx.Linear, nn.Conv: nnx.Conv, _weight.WeightNormDense: WeightNormLinear,
-    _weight.WeightNormConv: WeightNormConv, _weight.CosineDense: CosineLinear, _weight.CosineConv: CosineConv,
-}
+def _twins() -> dict:
+    from normzoo import _batch, _composite, _sample
+
+    return {
+        _batch.BatchNorm: BatchNorm, _batch.BatchRenorm: BatchRenorm, _batch.MeanOnlyBatchNorm: MeanOnlyBatchNorm,
+        _batch.LpBatchNorm: LpBatchNorm, _batch.NoisyBatchNorm: NoisyBatchNorm,
+        _sample.LayerNorm: LayerNorm, _sample.RMSNorm: RMSNorm, _sample.GroupNorm: GroupNorm,
+        _sample.InstanceNorm: InstanceNorm, _composite.IBN: IBN, _registry.Identity: Identity,
+        nn.Dense: nnx.Linear, nn.Conv: nnx.Conv, _weight.WeightNormDense: WeightNormLinear,
+        _weight.WeightNormConv: WeightNormConv, _weight.CosineDense: CosineLinear, _weight.CosineConv: CosineConv,
+    }
+
+
+_TWINS = _twins()
 
 
 def _keywords(cls) -> set[str]:

@@ -28,9 +28,9 @@ import jax.numpy as jnp
 from flax.linen import initializers
 from jax import lax
 
-from normzoo import _stats
-from normzoo._batch import _batch_moments, _layout, _Mapped, renorm_correction
-from normzoo._stats import AffineMap, RunningStats
+from normzoo import functional as F
+from normzoo._batch import _Mapped
+from normzoo._stats import AffineMap
 
 Array = jax.Array
 Initializer = Any
@@ -112,35 +112,27 @@ class BatchRenorm(_Mapped):
     def _map(self, x: Array, use_running_average: bool | None, mask: Array | None) -> AffineMap:
         use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
         warmup = self._warmup()
-        layout = _layout(self, x)
-        running = RunningStats.create(self, layout.shape, momentum=self.momentum, dtype=jnp.float32)
-        r_max = self.variable("batch_stats", "r_max", lambda: 3)
-        d_max = self.variable("batch_stats", "d_max", lambda: 5)
+        shape = self._features(x)
+        running = self._running(shape)
+        bounds = [self.variable("batch_stats", name, lambda v=v: v) for name, v in (("r_max", 3), ("d_max", 5))]
         steps = self.variable("batch_stats", "steps", lambda: 0)
-        scale, bias = _stats.affine_params(
-            self, layout.shape, layout.view, use_scale=self.use_scale, use_bias=self.use_bias,
-            scale_init=self.scale_init, bias_init=self.bias_init, param_dtype=self.param_dtype,
-            force_float32_reductions=True,
-        )
-        if use_ra:
-            mean, inv, offset = running.mean.value, lax.rsqrt(running.var.value + self.epsilon), None
-        else:
-            (mean, var), batch = _batch_moments(self, x, layout, mask)
-            on = 0.0 if self.is_initializing() else (jnp.asarray(steps.value) >= warmup).astype(jnp.float32)
-            # Before the warm-up ends the bounds are (1, 0): r = 1, d = 0, plain BatchNorm.
-            r, d = renorm_correction(
-                mean, lax.rsqrt(var + self.epsilon), running, self.epsilon,
-                1.0 + (r_max.value - 1.0) * on, d_max.value * on,
-            )
+        scale, bias = self._affine(shape)
+        # Before the warm-up ends, and under init, the bounds are (1, 0): plain BatchNorm.
+        on = 0.0 if self.is_initializing() else (jnp.asarray(steps.value) >= warmup).astype(jnp.float32)
+        r_max, d_max = 1.0 + (bounds[0].value - 1.0) * on, bounds[1].value * on
+
+        def correction(mean, var, inv, run_mean, run_var):
+            # sbx's form: BatchNorm of the mean mu_B - d sigma_B / r and the variance sigma_B^2 / r^2.
+            r, d = F.renorm_correction(mean, inv, run_mean, run_var, self.epsilon, r_max, d_max)
             inv = lax.rsqrt(var / r**2 + self.epsilon)
-            offset = d * _sqrt(var) / r * inv
-            running.update(self, batch, _stats.nominal_dtype(x.dtype, self.dtype, True))
-            if not self.is_initializing():
-                steps.value = steps.value + 1
-        return AffineMap.normalizing(
-            x, layout.expand(mean), layout.expand(inv), scale=scale, bias=bias,
-            offset=None if offset is None else layout.expand(offset), dtype=self.dtype,
-        )
+            return inv, d * _sqrt(var) / r * inv
+
+        amap, new = F._batch_map(x, running[0].value, running[1].value, scale, bias, training=not use_ra,
+                                 correction=correction, **self._options(mask))
+        self._store(running, new, x, not use_ra)
+        if not use_ra and not self.is_initializing():
+            steps.value = steps.value + 1
+        return amap
 
     @nn.nowrap
     def _warmup(self) -> int:

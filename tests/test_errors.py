@@ -1,5 +1,6 @@
 """Every error message, matched by a regex: it names the argument, the value and the fix."""
 
+from flax import errors as flax_errors
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,17 +98,21 @@ def test_mask_errors(layer, kw):
         init(layer, mask=jnp.ones((4, 6), bool))
 
 
-@pytest.mark.parametrize("layer,x2,pattern", [
-    (normzoo.BatchNorm(use_running_average=False), jnp.ones((4, 6, 6, 16)),
-     r"BatchNorm: the input has feature shape \(16,\), but the existing batch_stats\['mean'\] has shape \(8,\)"),
-    (normzoo.LayerNorm(), jnp.ones((4, 6, 6, 16)),
-     r"LayerNorm: the input has feature shape \(16,\), but the existing params\['scale'\] has shape \(8,\)\..*re-run `init`"),
-    (normzoo.WeightNormDense(3), jnp.ones((4, 6, 6, 16)),
-     r"WeightNormDense: the input has kernel shape \(16, 3\), but the existing params\['v'\] has shape \(8, 3\)"),
+@pytest.mark.parametrize("layer,x2,exc,pattern", [
+    # Running statistics: normzoo's check, in the function every front end calls.
+    (normzoo.BatchNorm(use_running_average=False, use_scale=False, use_bias=False), jnp.ones((4, 6, 6, 16)),
+     ValueError, r"BatchNorm: `mean` has shape \(8,\), but the input of shape \(4, 6, 6, 16\) has \(16,\) features "
+     r"along `axis`=\(3,\); give it shape \(16,\) .*re-run `init`, for this input's features"),
+    # Parameters: flax's own check, as for flax's layers (a drop-in raises what flax raises).
+    (normzoo.LayerNorm(), jnp.ones((4, 6, 6, 16)), flax_errors.ScopeParamShapeError,
+     r'For parameter "scale" in "/", the given initializer is expected to generate shape \(16,\), but the '
+     r"existing parameter it received has shape \(8,\)"),
+    (normzoo.WeightNormDense(3), jnp.ones((4, 6, 6, 16)), flax_errors.ScopeParamShapeError,
+     r'For parameter "v" in "/", the given initializer is expected to generate shape \(16, 3\)'),
 ])
-def test_feature_size_mismatch_with_existing_variables(layer, x2, pattern):
+def test_feature_size_mismatch_with_existing_variables(layer, x2, exc, pattern):
     variables = init(layer)
-    with pytest.raises(ValueError, match=pattern):
+    with pytest.raises(exc, match=pattern):
         layer.apply(variables, x2, mutable=["batch_stats"])
 
 

@@ -186,9 +186,10 @@ def test_noisy_batch_norm_without_noise_and_at_inference_is_batch_norm(rng):
 ])
 def test_noisy_batch_norm_errors(kwargs, match):
     layer = normzoo.NoisyBatchNorm(use_running_average=False, **kwargs)
-    v = layer.init(jax.random.key(0), jnp.ones((4, 2)))
+    with pytest.raises(ValueError, match=match):  # at init already: the configuration is checked first
+        layer.init(jax.random.key(0), jnp.ones((4, 2)))
     with pytest.raises(ValueError, match=match):
-        layer.apply(v, jnp.ones((4, 2)), rngs={"noise": jax.random.key(1)}, mutable=["batch_stats"])
+        nznnx.NoisyBatchNorm(2, **kwargs, rngs=nnx.Rngs(0))
 
 
 def test_noisy_batch_norm_needs_the_noise_stream():
