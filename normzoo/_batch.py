@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 from flax.linen import initializers
 
-from normzoo import _stats
 from normzoo import functional as F
 from normzoo._stats import AffineMap
 
@@ -103,8 +102,7 @@ class _Mapped(_Shell):
 
     @nn.nowrap
     def _features(self, x: Array) -> tuple[int, ...]:
-        axes = _stats.canonicalize_axes(x.ndim, self.axis, argument="axis", layer=type(self).__name__)
-        return _stats.feature_shape(x, axes)
+        return F._layout(x, self.axis, self.virtual_batch_size, type(self).__name__).shape
 
     @nn.nowrap
     def _options(self, mask: Array | None) -> dict[str, Any]:

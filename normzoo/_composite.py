@@ -6,7 +6,6 @@ import dataclasses
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from normzoo import functional as F
 from normzoo._batch import BatchNorm, _BatchFields

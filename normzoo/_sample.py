@@ -13,7 +13,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.linen import initializers
-from jax import lax
 
 from normzoo import _stats
 from normzoo import functional as F
@@ -85,7 +84,7 @@ class LayerNorm(_Shell):
     def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
         """Normalizes ``x``; ``mask`` (boolean, broadcastable) selects what enters the statistics."""
         reduction_axes, feature_axes = _axes(self, x, "reduction_axes"), _axes(self, x, "feature_axes")
-        scale, bias = self._affine(_stats.feature_shape(x, feature_axes))
+        scale, bias = self._affine(F._feature_shape(x, feature_axes))
         return F._sample_map(x, scale, bias, reduction_axes=reduction_axes, feature_axes=feature_axes,
                              use_mean=True, **_options(self, mask))(x)
 
@@ -128,7 +127,7 @@ class RMSNorm(_Shell):
     def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
         """Normalizes ``x`` by its root mean square over ``reduction_axes``."""
         reduction_axes, feature_axes = _axes(self, x, "reduction_axes"), _axes(self, x, "feature_axes")
-        scale, bias = self._affine(_stats.feature_shape(x, feature_axes))
+        scale, bias = self._affine(F._feature_shape(x, feature_axes))
         return F._sample_map(x, scale, bias, reduction_axes=reduction_axes, feature_axes=feature_axes,
                              use_mean=False, **_options(self, mask))(x)
 
@@ -250,11 +249,11 @@ class InstanceNorm(_Shell):
     @nn.nowrap
     def _map(self, x: Array, mask: Array | None, use_running_average: bool | None) -> AffineMap:
         feature_axes = _axes(self, x, "feature_axes")
-        scale, bias = self._affine(_stats.feature_shape(x, feature_axes))
+        scale, bias = self._affine(F._feature_shape(x, feature_axes))
         training, running = True, [None, None]
         if self.track_running_stats:
             use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
-            training, running = not use_ra, self._running(_stats.feature_shape(x, feature_axes))
+            training, running = not use_ra, self._running(F._feature_shape(x, feature_axes))
         amap, new = F._instance_map(
             x, scale, bias, *(None if v is None else v.value for v in running), training=training,
             momentum=self.momentum, feature_axes=self.feature_axes, **_options(self, mask),

@@ -494,68 +494,6 @@ def sync_batch_stats(batch_stats: Any, axis_name: str, axis_index_groups: Any = 
     return jax.tree.unflatten(treedef, out)
 
 
-# ----------------------------------------------------------------------------- shapes and running statistics
-
-
-def feature_shape(x: Array, axes: tuple[int, ...]) -> tuple[int, ...]:
-    """The sizes of ``x`` along ``axes``: the shape of per-feature parameters and statistics."""
-    return tuple(x.shape[a] for a in axes)
-
-
-def feature_view(rank: int, feature_axes: tuple[int, ...], shape) -> tuple[int, ...]:
-    """The broadcastable shape of per-feature parameters for an input of ``rank``."""
-    view = [1] * rank
-    for a in feature_axes:
-        view[a] = shape[a]
-    return tuple(view)
-
-
-def check_features(layer: str, x: Array, axes: tuple[int, ...], argument: str, **arrays: Any) -> tuple[int, ...]:
-    """Checks that every array given (None: absent) has the feature shape of ``x`` along ``axes``
-    (named ``argument``); returns that shape."""
-    shape = feature_shape(x, axes)
-    for name, a in arrays.items():
-        if a is not None and tuple(jnp.shape(a)) != shape:
-            raise ValueError(
-                f"{layer}: `{name}` has shape {tuple(jnp.shape(a))}, but the input of shape "
-                f"{tuple(x.shape)} has {shape} features along `{argument}`={axes}; give it shape "
-                f"{shape} (in a Flax model: build the layer, or re-run `init`, for this input's features)."
-            )
-    return shape
-
-
-def check_momentum(momentum: Any, *, layer: str) -> None:
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(
-            f"{layer}: momentum={momentum!r} must lie in [0, 1] (flax convention: "
-            "running = momentum * running + (1 - momentum) * batch; PyTorch's 0.1 is 0.9 here)."
-        )
-
-
-def ema(running: Array | None, batch: Array, momentum: float, valid: Array | None, dtype: Any) -> Array | None:
-    """``momentum * running + (1 - momentum) * batch``, kept where ``valid`` is False (no data
-    arrived), in ``running``'s dtype promoted with ``dtype`` (flax's: a complex batch mean makes
-    the running mean complex). None stays None (statistics not tracked)."""
-    if running is None:
-        return None
-    new = momentum * running + (1.0 - momentum) * batch
-    if valid is not None:
-        new = jnp.where(valid, new, running)
-    return lax.stop_gradient(jnp.asarray(new, jnp.promote_types(jnp.result_type(running), dtype)))
-
-
-def normalizing_moments(count: Array, mean: Array, m2: Array) -> tuple[Array, Array]:
-    """``(mean, var)`` to normalize with, from ``(count, mean, M2)``.
-
-    Where no element was counted (a channel emptied by a mask) there is nothing to normalize
-    by: the neutral statistics ``mean = 0, var = 1`` are used there, so the output is the
-    affine part alone (``scale * x / sqrt(1 + eps) + bias``), never ``x / sqrt(eps)``. Every layer
-    takes its statistics through here.
-    """
-    has = count > 0
-    return jnp.where(has, mean, 0), jnp.where(has, m2 / jnp.maximum(count, 1), 1)
-
-
 # ----------------------------------------------------------------------------- the output map
 
 
@@ -700,18 +638,12 @@ __all__ = [
     "abs_sq",
     "by_platform",
     "canonicalize_axes",
-    "check_features",
     "check_mask",
-    "check_momentum",
     "combine_moments",
-    "ema",
-    "feature_shape",
-    "feature_view",
     "gather_all",
     "group_mean",
     "local_moments",
     "moments",
-    "normalizing_moments",
     "nominal_dtype",
     "statistics_path",
     "stats_dtype",

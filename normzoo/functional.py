@@ -97,6 +97,68 @@ class RenormStats(NamedTuple):
     steps: Array
 
 
+# ============================================================================= arguments and running statistics
+
+
+def _feature_shape(x: Array, axes: tuple[int, ...]) -> tuple[int, ...]:
+    """The sizes of ``x`` along ``axes``: the shape of per-feature parameters and statistics."""
+    return tuple(x.shape[a] for a in axes)
+
+
+def _feature_view(rank: int, feature_axes: tuple[int, ...], shape) -> tuple[int, ...]:
+    """The broadcastable shape of per-feature parameters for an input of ``rank``."""
+    view = [1] * rank
+    for a in feature_axes:
+        view[a] = shape[a]
+    return tuple(view)
+
+
+def _check_features(layer: str, x: Array, axes: tuple[int, ...], argument: str, **arrays: Any) -> tuple[int, ...]:
+    """Checks that every array given (None: absent) has the feature shape of ``x`` along ``axes``
+    (named ``argument``); returns that shape."""
+    shape = _feature_shape(x, axes)
+    for name, a in arrays.items():
+        if a is not None and tuple(jnp.shape(a)) != shape:
+            raise ValueError(
+                f"{layer}: `{name}` has shape {tuple(jnp.shape(a))}, but the input of shape "
+                f"{tuple(x.shape)} has {shape} features along `{argument}`={axes}; give it shape "
+                f"{shape} (in a Flax model: build the layer, or re-run `init`, for this input's features)."
+            )
+    return shape
+
+
+def _check_momentum(momentum: Any, *, layer: str) -> None:
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(
+            f"{layer}: momentum={momentum!r} must lie in [0, 1] (flax convention: "
+            "running = momentum * running + (1 - momentum) * batch; PyTorch's 0.1 is 0.9 here)."
+        )
+
+
+def _ema(running: Array | None, batch: Array, momentum: float, valid: Array | None, dtype: Any) -> Array | None:
+    """``momentum * running + (1 - momentum) * batch``, kept where ``valid`` is False (no data
+    arrived), in ``running``'s dtype promoted with ``dtype`` (flax's: a complex batch mean makes
+    the running mean complex). None stays None (statistics not tracked)."""
+    if running is None:
+        return None
+    new = momentum * running + (1.0 - momentum) * batch
+    if valid is not None:
+        new = jnp.where(valid, new, running)
+    return lax.stop_gradient(jnp.asarray(new, jnp.promote_types(jnp.result_type(running), dtype)))
+
+
+def _normalizing_moments(count: Array, mean: Array, m2: Array) -> tuple[Array, Array]:
+    """``(mean, var)`` to normalize with, from ``(count, mean, M2)``.
+
+    Where no element was counted (a channel emptied by a mask) there is nothing to normalize
+    by: the neutral statistics ``mean = 0, var = 1`` are used there, so the output is the
+    affine part alone (``scale * x / sqrt(1 + eps) + bias``), never ``x / sqrt(eps)``. Every layer
+    takes its statistics through here.
+    """
+    has = count > 0
+    return jnp.where(has, mean, 0), jnp.where(has, m2 / jnp.maximum(count, 1), 1)
+
+
 # ============================================================================= batch statistics
 
 
@@ -147,8 +209,8 @@ def _layout(x: Array, axis: Axes, virtual_batch_size: int | None, layer: str) ->
                 f"of {x.shape[0]} or pad the batch."
             )
         ghosts, reduce = x.shape[0] // v, tuple(a + 1 for a in reduce)
-    shape = _stats.feature_shape(x, features)
-    view = _stats.feature_view(x.ndim, features, x.shape)
+    shape = _feature_shape(x, features)
+    view = _feature_view(x.ndim, features, x.shape)
     return _Layout(features, reduce, shape, view, ghosts, x.shape[0] if x.ndim else 1)
 
 
@@ -182,7 +244,7 @@ def _variance(x: Array, layout: _Layout, mask: Array | None, sync: _Sync):
             x, layout.reduce, mask=mask, dtype=sync.dtype, axis_name=sync.axis_name,
             axis_index_groups=sync.groups, layer=sync.layer,
         )
-        mean, var = _stats.normalizing_moments(count, mean, m2)
+        mean, var = _normalizing_moments(count, mean, m2)
         return (mean, var), (mean, var, count > 0)
     # Ghost statistics stay on each device; only their averages, which feed the running
     # statistics, are averaged across devices, so every replica keeps the same batch_stats.
@@ -190,7 +252,7 @@ def _variance(x: Array, layout: _Layout, mask: Array | None, sync: _Sync):
         layout.ghost_view(x), layout.reduce, mask=layout.ghost_view(mask), dtype=sync.dtype,
         layer=sync.layer,
     )
-    mean, var = _stats.normalizing_moments(count, mean, m2)
+    mean, var = _normalizing_moments(count, mean, m2)
     avg_mean, avg_var, n = _average_where(count > 0, mean, var)
     if sync.axis_name is not None:
         parts = [avg_mean, avg_var.astype(avg_mean.dtype), (n > 0).astype(avg_mean.dtype)]
@@ -218,16 +280,16 @@ def _batch_map(
     given the running statistics before this step.
     """
     layout = _layout(x, axis, virtual_batch_size, layer)
-    _stats.check_features(layer, x, layout.features, "axis", mean=mean, var=var, scale=scale, bias=bias)
-    _stats.check_momentum(momentum, layer=layer)
+    _check_features(layer, x, layout.features, "axis", mean=mean, var=var, scale=scale, bias=bias)
+    _check_momentum(momentum, layer=layer)
     mask = _stats.check_mask(mask, x, layer=layer)
     offset = None
     if training:
         sync = _Sync(dtype, axis_name, axis_index_groups, layer)
         (batch_mean, batch_var), (run_mean, run_var, valid) = spread(jnp.asarray(x, _stats.stats_dtype(x.dtype, dtype)), layout, mask, sync)
         nominal = _stats.stats_dtype(x.dtype, dtype)
-        stats = BatchStats(_stats.ema(mean, run_mean, momentum, valid, nominal),
-                           _stats.ema(var, run_var, momentum, valid, jnp.finfo(nominal).dtype))
+        stats = BatchStats(_ema(mean, run_mean, momentum, valid, nominal),
+                           _ema(var, run_var, momentum, valid, jnp.finfo(nominal).dtype))
         center = batch_mean
         inv = lax.rsqrt(batch_var + epsilon) if divide else None
         if correction is not None:
@@ -567,7 +629,7 @@ def _noise(amap: AffineMap, x: Array, axis: Axes, key: Array, shift_range: float
     """``amap`` followed by Santurkar et al.'s per-activation scale and shift noise."""
     low, high = _check_noise(shift_range, scale_range, noise_width, layer)
     features = _stats.canonicalize_axes(x.ndim, axis, argument="axis", layer=layer)
-    shape, view = _stats.feature_shape(x, features), _stats.feature_view(x.ndim, features, x.shape)
+    shape, view = _feature_shape(x, features), _feature_view(x.ndim, features, x.shape)
     k_mu, k_sigma, k_scale, k_shift = jax.random.split(key, 4)
     real = jnp.real(amap.mul).dtype
     mu = jnp.reshape(jax.random.uniform(k_mu, shape, real, -shift_range, shift_range), view)
@@ -638,17 +700,17 @@ def _sample_map(
 ) -> AffineMap:
     """``(x - mean) / sqrt(var + eps) * scale + bias`` with the statistics over
     ``reduction_axes`` of each example (LayerNorm, RMSNorm, InstanceNorm)."""
-    _stats.check_features(layer, x, feature_axes, "feature_axes", scale=scale, bias=bias)
+    _check_features(layer, x, feature_axes, "feature_axes", scale=scale, bias=bias)
     count, mean, m2 = _stats.synced_moments(
         x, reduction_axes, mask=mask, use_mean=use_mean, dtype=dtype, axis_name=axis_name,
         axis_index_groups=axis_index_groups, layer=layer,
     )
-    mean, var = _stats.normalizing_moments(count, mean, m2)
+    mean, var = _normalizing_moments(count, mean, m2)
     return _per_feature_map(x, mean, var, scale, bias, reduction_axes, feature_axes, epsilon, dtype)
 
 
 def _per_feature_map(x, mean, var, scale, bias, reduction_axes, feature_axes, epsilon, dtype) -> AffineMap:
-    view = lambda p: None if p is None else jnp.reshape(p, _stats.feature_view(x.ndim, feature_axes, x.shape))  # noqa: E731
+    view = lambda p: None if p is None else jnp.reshape(p, _feature_view(x.ndim, feature_axes, x.shape))  # noqa: E731
     return AffineMap.normalizing(
         x, jnp.expand_dims(mean, reduction_axes), jnp.expand_dims(lax.rsqrt(var + epsilon), reduction_axes),
         scale=view(scale), bias=view(bias), dtype=dtype,
@@ -747,7 +809,7 @@ def _group_map(x, scale, bias, *, num_groups, group_size, epsilon, reduction_axe
         )
     channels = x.shape[-1]
     groups = _groups(channels, num_groups, group_size, layer, x.shape)
-    _stats.check_features(layer, x, (x.ndim - 1,), "the channel axis", scale=scale, bias=bias)
+    _check_features(layer, x, (x.ndim - 1,), "the channel axis", scale=scale, bias=bias)
     size = channels // groups
     spatial = red[:-1]
     # Per-channel (count, mean, M2) over the spatial axes in the natural layout, then
@@ -758,7 +820,7 @@ def _group_map(x, scale, bias, *, num_groups, group_size, epsilon, reduction_axe
     )
     grouped = lambda a: jnp.reshape(a, a.shape[:-1] + (groups, size))  # noqa: E731
     count, gmean, gm2 = _stats.combine_moments(grouped(count), grouped(mean), grouped(m2), axis=-1)
-    gmean, gvar = _stats.normalizing_moments(count, gmean, gm2)
+    gmean, gvar = _normalizing_moments(count, gmean, gm2)
     per_channel = lambda a: jnp.repeat(a, size, axis=-1)  # noqa: E731
     return _per_feature_map(x, per_channel(gmean), per_channel(gvar), scale, bias, spatial, (x.ndim - 1,),
                             epsilon, dtype)
@@ -796,8 +858,8 @@ def _instance_axes(x: Array, feature_axes: Axes, layer: str) -> tuple[tuple[int,
     feat = _axes(x, feature_axes, "feature_axes", layer)
     if 0 in feat:
         raise ValueError(
-            f"{layer}: feature_axes={feature_axes!r} includes axis 0, which is the "
-            "batch axis; name the channel axes only (e.g. -1)."
+            f"{layer}: feature_axes={feature_axes!r} includes axis 0. The channel axes cannot include the "
+            "leading dimension as this is assumed to be the batch axis; name the channel axes only (e.g. -1)."
         )
     return feat, tuple(i for i in range(1, x.ndim) if i not in feat)
 
@@ -807,26 +869,26 @@ def _instance_map(x, scale, bias, mean, var, *, training, momentum, epsilon, fea
     """InstanceNorm's map; with running statistics (``mean``, ``var`` given), their batch average
     is tracked in training and used otherwise."""
     feat, red = _instance_axes(x, feature_axes, layer)
-    _stats.check_features(layer, x, feat, "feature_axes", scale=scale, bias=bias, mean=mean, var=var)
+    _check_features(layer, x, feat, "feature_axes", scale=scale, bias=bias, mean=mean, var=var)
     tracked = mean is not None or var is not None
     if tracked and not training:
         if mean is None or var is None:
             raise ValueError(f"{layer}: tracked statistics need both `mean` and `var`.")
-        view = (1,) + _stats.feature_shape(x, feat)  # instance statistics: (batch, *features)
+        view = (1,) + _feature_shape(x, feat)  # instance statistics: (batch, *features)
         m, v = jnp.reshape(mean, view), jnp.reshape(var, view)
         return _per_feature_map(x, m, v, scale, bias, red, feat, epsilon, dtype), BatchStats(mean, var)
     mask = _stats.check_mask(mask, x, layer=layer)
     count, m, m2 = _stats.synced_moments(x, red, mask=mask, dtype=dtype, axis_name=axis_name,
                                          axis_index_groups=axis_index_groups, layer=layer)
-    m, v = _stats.normalizing_moments(count, m, m2)
+    m, v = _normalizing_moments(count, m, m2)
     stats = BatchStats(None, None)
     if tracked:
-        _stats.check_momentum(momentum, layer=layer)
+        _check_momentum(momentum, layer=layer)
         # The average over the instances that hold any valid element.
         avg_mean, avg_var, n = _average_where(count > 0, m, v)
         nominal = _stats.stats_dtype(x.dtype, dtype)
-        stats = BatchStats(_stats.ema(mean, avg_mean, momentum, n > 0, nominal),
-                           _stats.ema(var, avg_var, momentum, n > 0, jnp.finfo(nominal).dtype))
+        stats = BatchStats(_ema(mean, avg_mean, momentum, n > 0, nominal),
+                           _ema(var, avg_var, momentum, n > 0, jnp.finfo(nominal).dtype))
     return _per_feature_map(x, m, v, scale, bias, red, feat, epsilon, dtype), stats
 
 

@@ -129,12 +129,13 @@ class _BatchNorm(_RunningAverage):
         Returns:
           Normalized inputs (the same shape as inputs).
         """
-        return self._map(x, use_running_average, mask)(x)
+        amap, x = self._map(x, use_running_average, mask)
+        return amap(x)
 
     def affine_map(self, x: Array, use_running_average: bool | None = None, *,
                    mask: Array | None = None) -> AffineMap:
         """The map ``y = (x - mean) * mul + add`` that ``__call__`` applies (same arguments and updates)."""
-        return self._map(x, use_running_average, mask)
+        return self._map(x, use_running_average, mask)[0]
 
     def _inputs(self, x: Array, use_running_average: bool | None):
         """``(training, x, (mean, var), scale, bias)`` after ``promote_dtype``, as flax.nnx.BatchNorm
@@ -237,11 +238,11 @@ class BatchNorm(_BatchNorm):
         self._configure(num_features, use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias,
                         use_scale, axis_name, axis_index_groups, use_fast_variance, promote_dtype, virtual_batch_size)
 
-    def _map(self, x: Array, use_running_average: bool | None, mask: Array | None) -> AffineMap:
+    def _map(self, x: Array, use_running_average: bool | None, mask: Array | None) -> tuple[AffineMap, Array]:
         training, x, (mean, var), scale, bias = self._inputs(x, use_running_average)
         amap, new = F._batch_map(x, mean, var, scale, bias, training=training, **self._options(mask))
         self._store(training, new._asdict())
-        return amap
+        return amap, x
 
 
 class BatchRenorm(_BatchNorm):
@@ -306,13 +307,13 @@ class BatchRenorm(_BatchNorm):
         self.warmup_steps = warmup_steps
         self.warmup_schedule = warmup_schedule
 
-    def _map(self, x: Array, use_running_average: bool | None, mask: Array | None) -> AffineMap:
+    def _map(self, x: Array, use_running_average: bool | None, mask: Array | None) -> tuple[AffineMap, Array]:
         training, x, (mean, var), scale, bias = self._inputs(x, use_running_average)
         amap, new = F._renorm_map(
             x, mean, var, self.steps[...], scale, bias, training=training, r_max=self.r_max, d_max=self.d_max,
             warmup_steps=self.warmup_steps, warmup_schedule=self.warmup_schedule, **self._options(mask))
         self._store(training, new._asdict())
-        return amap
+        return amap, x
 
 
 class MeanOnlyBatchNorm(_BatchNorm):
@@ -361,11 +362,11 @@ class MeanOnlyBatchNorm(_BatchNorm):
         self._configure(num_features, use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias,
                         use_scale, axis_name, axis_index_groups, use_fast_variance, promote_dtype, virtual_batch_size)
 
-    def _map(self, x: Array, use_running_average: bool | None, mask: Array | None) -> AffineMap:
+    def _map(self, x: Array, use_running_average: bool | None, mask: Array | None) -> tuple[AffineMap, Array]:
         training, x, (mean, _), scale, bias = self._inputs(x, use_running_average)
         amap, new = F._batch_map(x, mean, None, scale, bias, training=training, divide=False, **self._options(mask))
         self._store(training, {"mean": new.mean})
-        return amap
+        return amap, x
 
 
 class LpBatchNorm(_BatchNorm):
@@ -420,11 +421,11 @@ class LpBatchNorm(_BatchNorm):
                         use_scale, axis_name, axis_index_groups, use_fast_variance, promote_dtype, virtual_batch_size)
         self.p = p
 
-    def _map(self, x: Array, use_running_average: bool | None, mask: Array | None) -> AffineMap:
+    def _map(self, x: Array, use_running_average: bool | None, mask: Array | None) -> tuple[AffineMap, Array]:
         training, x, (mean, var), scale, bias = self._inputs(x, use_running_average)
         amap, new = F._lp_map(x, mean, var, scale, bias, p=self.p, training=training, **self._options(mask))
         self._store(training, new._asdict())
-        return amap
+        return amap, x
 
 
 class NoisyBatchNorm(_BatchNorm):
@@ -492,14 +493,14 @@ class NoisyBatchNorm(_BatchNorm):
         self.rng_collection = rng_collection
         self.rngs = rngs[rng_collection].fork()
 
-    def _map(self, x: Array, use_running_average: bool | None, mask: Array | None) -> AffineMap:
+    def _map(self, x: Array, use_running_average: bool | None, mask: Array | None) -> tuple[AffineMap, Array]:
         training, x, (mean, var), scale, bias = self._inputs(x, use_running_average)
         amap, new = F._noisy_map(
             x, mean, var, scale, bias, key=self.rngs() if training else None, training=training,
             shift_range=self.shift_range, scale_range=self.scale_range, noise_width=self.noise_width,
             **self._options(mask))
         self._store(training, new._asdict())
-        return amap
+        return amap, x
 
 
 # ----------------------------------------------------------------------------- per-sample family
@@ -762,9 +763,10 @@ class InstanceNorm(_PerSample, _RunningAverage):
     def __call__(self, x: Array, *, mask: Array | None = None, use_running_average: bool | None = None) -> Array:
         """Normalizes ``x`` per example and channel (with ``track_running_stats``,
         ``use_running_average`` selects the running statistics, as in BatchNorm)."""
-        return self._map(x, mask, use_running_average)(x)
+        amap, x = self._map(x, mask, use_running_average)
+        return amap(x)
 
-    def _map(self, x: Array, mask: Array | None, use_running_average: bool | None = None) -> AffineMap:
+    def _map(self, x: Array, mask: Array | None, use_running_average: bool | None = None) -> tuple[AffineMap, Array]:
         training, stored = True, (None, None)
         if self.track_running_stats:  # without tracked statistics the attribute is never read
             training = not _first_from(use_running_average, self.use_running_average, type(self).__name__)
@@ -774,7 +776,7 @@ class InstanceNorm(_PerSample, _RunningAverage):
                                     feature_axes=self.feature_axes, **self._options(mask))
         if self.track_running_stats and training:
             self.mean[...], self.var[...] = new
-        return amap
+        return amap, x
 
 
 class IBN(nnx.Module):
@@ -861,8 +863,8 @@ class IBN(nnx.Module):
     def _map(self, x: Array, use_running_average: bool | None, mask: Array | None) -> AffineMap:
         return F._ibn_map(
             x, mask, self.ratio, self.axis,
-            lambda part, mask, axis: self.IN._map(part, mask),
-            lambda part, mask: self.BN._map(part, use_running_average, mask),
+            lambda part, mask, axis: self.IN._map(part, mask)[0],
+            lambda part, mask: self.BN._map(part, use_running_average, mask)[0],
         )
 
 

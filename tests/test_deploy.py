@@ -10,6 +10,7 @@ import pytest
 
 import normzoo
 from normzoo import deploy
+from tests import reference as ref
 from tests.conftest import some_slow
 
 RNG = np.random.default_rng(0)
@@ -105,6 +106,26 @@ def test_folded_conv_kernel_and_bias_follow_the_formula():
     got = deploy.fold(model, v, x).variables["params"]["Conv_0"]
     np.testing.assert_allclose(got["kernel"], conv["kernel"] * m, rtol=1e-6)
     np.testing.assert_allclose(got["bias"], (conv["bias"] - stats["mean"]) * m + bn["bias"], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kernel_shape,axis,bias", [((5, 4), -1, True), ((3, 3, 2, 4), -1, False),
+                                                    ((3, 3, 4, 2), -2, True)], ids=["dense", "conv_no_bias", "transposed"])
+def test_fold_pair_is_the_formula(kernel_shape, axis, bias):
+    """W' = W * m along the output channels, b' = (b - mean) * m + a, in the inputs' dtypes (NumPy)."""
+    r = np.random.default_rng(3)
+    kernel = r.normal(size=kernel_shape).astype(np.float32)
+    c = kernel_shape[axis]
+    b = r.normal(size=c).astype(np.float32) if bias else None
+    mean, mul, add = (r.normal(size=c).astype(np.float32) for _ in range(3))
+    k2, b2 = deploy.fold_pair(kernel, b, mean, mul, add, axis=axis)
+    view = [1] * kernel.ndim
+    view[axis] = c
+    np.testing.assert_allclose(k2, ref.f64(kernel) * ref.f64(mul).reshape(view), rtol=1e-6)
+    np.testing.assert_allclose(b2, ((0 if b is None else ref.f64(b)) - ref.f64(mean)) * ref.f64(mul) + ref.f64(add),
+                               rtol=1e-6, atol=1e-7)
+    assert k2.dtype == b2.dtype == np.float32
+    half = deploy.fold_pair(kernel.astype(jnp.bfloat16), None, mean, mul, add, axis=axis)
+    assert half[0].dtype == half[1].dtype == jnp.bfloat16
 
 
 class Mixed(nn.Module):
@@ -349,6 +370,25 @@ def test_adabn_on_a_shifted_domain_has_the_known_answer():
     after = np.asarray(bn.apply(adapted, jnp.concatenate(target), use_running_average=True))
     np.testing.assert_allclose(after.mean(0), 0, atol=0.03)
     np.testing.assert_allclose(after.std(0), 1, atol=0.03)
+
+
+def test_batch_statistics_mutates_no_module_and_reads_flax_layers_too():
+    """Each layer runs as a copy with momentum 0: the model's own modules keep their fields, and
+    flax's nn.BatchNorm, our layers and IBN give their batch's statistics, under jit."""
+    model = TwoLayers(True)
+    x = jnp.asarray(RNG.normal(size=(32, 5)) * 3 + 2, jnp.float32)
+    variables = _randomize(model.init(jax.random.key(0), x, train=False), seed=4)
+    before = repr(model)
+    stats = jax.jit(lambda v, x: deploy.batch_statistics(model, v, x, train=True))(variables, x)
+    assert repr(model) == before
+    assert jax.tree.structure(stats) == jax.tree.structure(variables["batch_stats"])
+    one = deploy.precise_batch_stats(model, variables, [x], train=True)["batch_stats"]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), stats, one)
+    ibn = normzoo.IBN(use_running_average=False)
+    xi = jnp.asarray(RNG.normal(size=(8, 3, 3, 4)) + 5, jnp.float32)
+    s = deploy.batch_statistics(ibn, ibn.init(jax.random.key(0), xi), xi)["BN"]
+    np.testing.assert_allclose(s["mean"], np.asarray(xi)[..., 2:].mean((0, 1, 2)), rtol=1e-6)
+    assert ibn.momentum == 0.99
 
 
 def test_batch_statistics_of_a_layer_used_through_affine_map():

@@ -56,7 +56,8 @@ def init(layer, x=X4, **kw):
     (normzoo.GroupNorm(reduction_axes=(1, 2)), {}, ValueError,
      r"GroupNorm: reduction_axes=\(1, 2\) must include the last \(channel\) axis"),
     (normzoo.InstanceNorm(feature_axes=0), {}, ValueError,
-     r"InstanceNorm: feature_axes=0 includes axis 0, which is the batch axis"),
+     r"InstanceNorm: feature_axes=0 includes axis 0\. The channel axes cannot include the leading dimension as "
+     r"this is assumed to be the batch axis; name the channel axes only \(e\.g\. -1\)"),
     (normzoo.LayerNorm(reduction_axes=7), {}, ValueError,
      r"LayerNorm: `reduction_axes`=\(7,\) is out of range for an input of rank 4"),
     (normzoo.RMSNorm(feature_axes=-9), {}, ValueError,

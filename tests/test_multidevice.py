@@ -273,3 +273,66 @@ def test_two_processes_sync_like_one():
             p.kill()
     for p, out in zip(procs, outs):
         assert p.returncode == 0 and "OK" in out, out[-3000:]
+
+
+class _Block(nn.Module):
+    """A ResNet basic block (flax's ImageNet example's), the normalizer a factory."""
+
+    features: int
+    strides: int
+    norm: object
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.relu(self.norm()(nn.Conv(self.features, (3, 3), self.strides, use_bias=False)(x)))
+        y = self.norm()(nn.Conv(self.features, (3, 3), use_bias=False)(y))
+        if x.shape != y.shape:
+            x = self.norm()(nn.Conv(self.features, (1, 1), self.strides, use_bias=False)(x))
+        return nn.relu(x + y)
+
+
+class _ResNet(nn.Module):
+    norm: object
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(self.norm()(nn.Conv(8, (3, 3), use_bias=False)(x)))
+        x = _Block(8, 1, self.norm)(x)
+        x = _Block(16, 2, self.norm)(x)
+        return nn.Dense(10)(jnp.mean(x, (1, 2)))
+
+
+def _all_reduces_of_a_synced_sgd_step(norm_cls, **kw):
+    """(forward, whole step) all-reduces in the compiled HLO of one SGD step under shard_map on 8
+    devices: batch-sharded data, replicated parameters (JAX sums their gradients)."""
+    model = _ResNet(functools.partial(norm_cls, use_running_average=False, axis_name=AXIS, **kw))
+    x, y = jnp.ones((16, 8, 8, 3)), jnp.zeros((16,), jnp.int32)
+    v = _ResNet(functools.partial(norm_cls, use_running_average=False, **kw)).init(jax.random.key(0), x[:2])
+    mesh = jax.sharding.Mesh(jax.devices()[:D], (AXIS,))
+
+    def loss(params, x, y):
+        out, upd = model.apply({"params": params, "batch_stats": v["batch_stats"]}, x, mutable=["batch_stats"])
+        return lax.pmean(-jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(out), y[:, None], 1)), AXIS), upd
+
+    def step(params, x, y):
+        (value, upd), grads = jax.value_and_grad(loss, has_aux=True)(params, x, y)
+        return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads), upd, value
+
+    counts = []
+    for fn, out_specs in ((loss, (P(), P())), (step, (P(), P(), P()))):
+        compiled = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=out_specs))
+        hlo = compiled.lower(v["params"], x, y).compile().as_text()
+        counts.append(len(re.findall(r"\ball-reduce(-start)?\(", hlo)))
+    return counts
+
+
+def test_a_synced_resnet_step_makes_no_more_all_reduces_than_flax():
+    """Forward: one all-reduce per normalizer, as flax's default (fast, unstable) variance; flax's
+    stable variance takes two. Whole step (forward and backward): no more than flax's default."""
+    n_norms = 1 + 2 + 3
+    ours_fwd, ours = _all_reduces_of_a_synced_sgd_step(normzoo.BatchNorm)
+    flax_default_fwd, flax_default = _all_reduces_of_a_synced_sgd_step(nn.BatchNorm)
+    flax_stable_fwd, flax_stable = _all_reduces_of_a_synced_sgd_step(nn.BatchNorm, use_fast_variance=False)
+    assert ours_fwd == flax_default_fwd and n_norms <= ours_fwd <= n_norms + 1  # the loss's may merge
+    assert flax_stable_fwd == flax_default_fwd + n_norms  # flax's stable mode: a second one per layer
+    assert ours <= flax_default < flax_stable, (ours, flax_default, flax_stable)

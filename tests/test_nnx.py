@@ -16,6 +16,7 @@ import normzoo
 from normzoo import nnx as nznnx
 from tests import reference as ref
 from tests.conftest import PATHS, forced_path, some_slow
+from tests.test_santurkar_layers import lp_reference
 
 # (name, constructor keywords shared by both, input shape); flax.nnx has each of these layers.
 PAIRS = {
@@ -131,57 +132,64 @@ def _equal_flax_nnx(name, masked):
         np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
 
 
-# Every normzoo.nnx layer runs its linen twin's code: the same variables give the same numbers.
-TWINS = {
-    "BatchNorm": ({"use_running_average": False}, {}, (16, 5)),
-    "BatchRenorm": ({"use_running_average": False, "warmup_steps": 2, "r_max": 1.5, "d_max": 0.5}, {}, (16, 5)),
-    "MeanOnlyBatchNorm": ({"use_running_average": False}, {}, (16, 5)),
-    "ghost BatchNorm": ({"use_running_average": False, "virtual_batch_size": 4}, {}, (16, 5)),
-    "LayerNorm": ({}, {}, (4, 7, 5)),
-    "RMSNorm": ({}, {}, (4, 7, 5)),
-    "GroupNorm": ({"num_groups": 5}, {}, (3, 4, 4, 5)),
-    "InstanceNorm": ({}, {}, (3, 4, 4, 5)),
-    "tracked InstanceNorm": ({"track_running_stats": True, "use_running_average": False}, {}, (3, 4, 4, 5)),
+# The layers flax.nnx lacks, against NumPy references over several training steps (the running
+# statistics after each, BatchRenorm across its warm-up), independently of the linen layers.
+def _renorm_ref(x, st, layer):
+    t = min(int(st["steps"]) / layer.warmup_steps, 1.0)
+    y = ref.batch_renorm(x, (0,), layer.epsilon, st["mean"], st["var"], 1 + (layer.r_max - 1) * t, layer.d_max * t)
+    return y, {"mean": x.mean(0), "var": x.var(0)}
+
+
+def _ghost_ref(x, st, layer):
+    chunks = x.reshape(4, 4, -1)
+    y = np.concatenate([ref.batch_norm(c, (0,), layer.epsilon) for c in chunks])
+    return y, {"mean": chunks.mean(1).mean(0), "var": chunks.var(1).mean(0)}
+
+
+def _ibn_ref(x, st, layer):
+    from tests.test_functional import ibn_reference
+    return (ibn_reference(x, 2, layer.BN.epsilon, np.ones(2), np.zeros(2), np.ones(6), np.zeros(6)),
+            {"BN": {"mean": x[..., 2:].mean((0, 1, 2)), "var": x[..., 2:].var((0, 1, 2))}})
+
+
+ONLY_NORMZOO = {
+    "BatchRenorm": (lambda: nznnx.BatchRenorm(5, momentum=0.6, warmup_steps=2, r_max=1.5, d_max=0.5, rngs=nnx.Rngs(0)),
+                    (16, 5), _renorm_ref),
+    "MeanOnlyBatchNorm": (lambda: nznnx.MeanOnlyBatchNorm(5, momentum=0.6, rngs=nnx.Rngs(0)), (16, 5),
+                          lambda x, st, layer: (x - x.mean(0), {"mean": x.mean(0)})),
+    "ghost BatchNorm": (lambda: nznnx.BatchNorm(5, momentum=0.6, virtual_batch_size=4, rngs=nnx.Rngs(0)), (16, 5),
+                        _ghost_ref),
+    "tracked InstanceNorm": (lambda: nznnx.InstanceNorm(5, track_running_stats=True, momentum=0.6, rngs=nnx.Rngs(0)),
+                             (3, 4, 4, 5), lambda x, st, layer: (ref.instance_norm(x, layer.epsilon),
+                                                                 {"mean": x.mean((1, 2)).mean(0), "var": x.var((1, 2)).mean(0)})),
+    "LpBatchNorm p=1": (lambda: nznnx.LpBatchNorm(5, p=1, momentum=0.6, rngs=nnx.Rngs(0)), (64, 5),
+                        lambda x, st, layer: (lp_reference(x, 1)[0], dict(zip(("mean", "var"), lp_reference(x, 1)[1:])))),
+    "IBN": (lambda: nznnx.IBN(8, ratio=0.25, momentum=0.6, rngs=nnx.Rngs(0)), (4, 3, 3, 8), _ibn_ref),
 }
 
 
-def _linen_variables(module):
-    params, stats = {}, {}
-    for path, v in nnx.to_flat_state(nnx.state(module)):
-        (params if isinstance(v, nnx.Param) else stats)[path[-1]] = v[...]
-    return {"params": params, **({"batch_stats": stats} if stats else {})}
-
-
-# Both sides run the same code on the same path: the checked path here, the shifted one in -m slow.
-@pytest.mark.parametrize("twin,path", some_slow([(t, p) for p in PATHS for t in TWINS],
-                                               fast={(t, "checked") for t in TWINS}, ids=lambda v: f"{v[0]}-{v[1]}"))
-def test_each_layer_equals_its_linen_twin_on_the_same_variables(twin, path):
-    with forced_path(path):
-        _equal_linen_twin(twin)
-
-
-def _equal_linen_twin(twin):
-    kw, _, shape = TWINS[twin]
-    name = twin.split()[-1]
-    ours = getattr(nznnx, name)(shape[-1], **kw, rngs=nnx.Rngs(0))
-    linen_kw = {k: v for k, v in kw.items() if not (k == "use_running_average" and name != "InstanceNorm")}
-    linen = getattr(normzoo, name)(**linen_kw)
-    w = _data(shape, seed=1)
-    for step in range(4):  # BatchRenorm crosses its warm-up
-        x = _data(shape, seed=10 + step, loc=step)
-        variables = _linen_variables(ours)
-        call = {"use_running_average": False} if "use_running_average" in kw and name != "InstanceNorm" else {}
-
-        def linen_loss(params, variables=variables, x=x, call=call):
-            y, upd = linen.apply({**variables, "params": params}, x, **call, mutable=["batch_stats"])
-            return jnp.sum(jnp.tanh(y) * w), (y, upd.get("batch_stats", {}))
-        (_, (y0, stats0)), g0 = jax.value_and_grad(linen_loss, has_aux=True)(variables["params"])
-        y1, g1 = _loss_and_grads(ours, x, w)
-        np.testing.assert_allclose(y1, y0, rtol=1e-6, atol=1e-6)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-                     _linen_variables(g1)["params"], g0)
-        if stats0:
-            jax.tree.map(np.testing.assert_array_equal, _linen_variables(ours)["batch_stats"], stats0)
+@pytest.mark.parametrize("name", some_slow(list(ONLY_NORMZOO), fast={"BatchRenorm", "IBN", "tracked InstanceNorm"}))
+def test_layers_flax_nnx_lacks_match_numpy_over_training_steps(name):
+    build, shape, reference = ONLY_NORMZOO[name]
+    layer = build()
+    for step in range(3):  # BatchRenorm: plain BatchNorm, half way, then its full bounds
+        x = np.asarray(_data(shape, seed=10 + step, loc=2.0 * step))
+        before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(layer, nnx.BatchStat)))
+        y = layer(jnp.asarray(x))
+        want, batch = reference(ref.f64(x), before, layer)
+        np.testing.assert_allclose(y, want, atol=3e-5)
+        momentum = 0.6
+        expected = jax.tree.map(lambda old, new: momentum * old + (1 - momentum) * new,
+                                {k: v for k, v in before.items() if k != "steps"}, batch)
+        got = nnx.to_pure_dict(nnx.state(layer, nnx.BatchStat))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                     {k: v for k, v in got.items() if k != "steps"}, expected)
+        if "steps" in got:
+            assert int(got["steps"]) == step + 1
+    layer.eval()  # inference: the running statistics
+    x = _data(shape, seed=99)
+    if name == "tracked InstanceNorm":
+        np.testing.assert_allclose(layer(x), (x - layer.mean[...]) / np.sqrt(layer.var[...] + layer.epsilon), atol=1e-5)
 
 
 def test_large_means_stay_accurate_against_float64():
@@ -302,41 +310,50 @@ def _synced_equals_global(mapper):
 # ----------------------------------------------------------------------------- weight family, IBN
 
 
-WEIGHT_TWINS = {
-    "WeightNormLinear": (lambda **kw: nznnx.WeightNormLinear(5, 4, **kw), normzoo.WeightNormDense(4), (3, 5)),
-    "CosineLinear": (lambda **kw: nznnx.CosineLinear(5, 4, use_bias=True, use_scale=True, **kw),
-                     normzoo.CosineDense(4, use_bias=True, use_scale=True), (3, 5)),
-    "WeightNormConv": (lambda **kw: nznnx.WeightNormConv(4, 6, (3, 3), strides=2, padding="CIRCULAR", feature_group_count=2, **kw),
-                       normzoo.WeightNormConv(6, (3, 3), strides=2, padding="CIRCULAR", feature_group_count=2), (2, 7, 7, 4)),
-    "CosineConv": (lambda **kw: nznnx.CosineConv(4, 6, (3, 3), kernel_dilation=2, use_bias=True, **kw),
-                   normzoo.CosineConv(6, (3, 3), kernel_dilation=2, use_bias=True), (2, 7, 7, 4)),
-    "IBN": (lambda **kw: nznnx.IBN(8, ratio=0.25, **kw), normzoo.IBN(ratio=0.25, use_running_average=False), (4, 3, 3, 8)),
-}
+def _weight_loss(y):
+    return jnp.sum(jnp.sin(y))
 
 
-@pytest.mark.parametrize("name", some_slow(list(WEIGHT_TWINS), fast={"WeightNormConv", "IBN"}))
-def test_weight_layers_and_ibn_equal_their_linen_twins(name):
-    build, linen, shape = WEIGHT_TWINS[name]
-    ours = build(rngs=nnx.Rngs(0))
-    x, w = _data(shape, loc=1.0), None
-    variables = nznnx.to_linen(ours)
-    # The same structure as the linen layer's own init.
-    assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, linen.init(jax.random.key(0), x))
+@pytest.mark.parametrize("name", some_slow(["WeightNormLinear", "CosineLinear", "WeightNormConv", "CosineConv"],
+                                           fast={"WeightNormConv", "CosineLinear"}))
+def test_weight_layers_equal_flax_layers_with_the_normalized_kernel(name):
+    """Outputs and gradients against flax.nnx.Linear / Conv computing the formula on their own."""
+    conv = "Conv" in name
+    kw = dict(strides=2, padding="CIRCULAR", feature_group_count=2, kernel_dilation=2) if conv else {}
+    shape = (2, 9, 9, 4) if conv else (3, 4)
+    extra = {} if "WeightNorm" in name else {"use_bias": True, "use_scale": True}
+    ours = getattr(nznnx, name)(4, 6, *([(3, 3)] if conv else []), **kw, **extra, rngs=nnx.Rngs(0))
+    plain = (nnx.Conv(4, 6, (3, 3), **kw, rngs=nnx.Rngs(1)) if conv else nnx.Linear(4, 6, rngs=nnx.Rngs(1)))
+    x = _data(shape, loc=1.0)
+    params = nnx.state(ours, nnx.Param)
 
-    def linen_loss(params, x):
-        y, upd = linen.apply({**variables, "params": params}, x, mutable=["batch_stats"])
-        return jnp.sum(jnp.sin(y)), (y, upd)
-    (_, (y0, upd0)), (g0, gx0) = jax.value_and_grad(linen_loss, argnums=(0, 1), has_aux=True)(variables["params"], x)
+    def flax_layer(layer, **values):  # flax's own layer with these parameter values (traceable)
+        graphdef, state = nnx.split(layer)
+        pure = {**nnx.to_pure_dict(state), **values}
+        nnx.replace_by_pure_dict(state, pure)
+        return nnx.merge(graphdef, state)
 
-    def loss(m, x):
-        y = m(x)
-        return jnp.sum(jnp.sin(y)), y
-    (_, y1), (g1, gx1) = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(ours, x)
-    np.testing.assert_allclose(y1, y0, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(gx1, gx0, rtol=1e-5, atol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), nznnx.to_linen(g1)["params"], g0)
-    if upd0:
-        jax.tree.map(np.testing.assert_array_equal, nznnx.to_linen(ours)["batch_stats"], upd0["batch_stats"])
+    def theirs(params, x):  # the paper's formula, on flax's own layer
+        p = nnx.to_pure_dict(params)
+        if "v" in p:
+            v = p["v"]
+            kernel = p["g"] * v / jnp.sqrt(jnp.sum(v**2, tuple(range(v.ndim - 1)), keepdims=True) + 1e-12)
+            return flax_layer(plain, kernel=kernel, bias=p["bias"])(x)
+        k = p["kernel"]
+        dot = flax_layer(plain, kernel=k, bias=jnp.zeros(6))(x)
+        if conv:  # ||x_p||^2 of each unit's patch: x^2 through the same convolution with ones
+            patch = flax_layer(plain, kernel=jnp.ones_like(k), bias=jnp.zeros(6))(x**2)
+        else:
+            patch = jnp.sum(x**2, -1, keepdims=True)
+        norm_w = jnp.sqrt(jnp.sum(k**2, tuple(range(k.ndim - 1))))
+        return p["scale"] * dot / (norm_w * jnp.sqrt(patch)) + p["bias"]
+
+    y1, (g1, gx1) = nnx.value_and_grad(lambda m, x: _weight_loss(m(x)), argnums=(0, 1))(ours, x)
+    y0, (g0, gx0) = jax.value_and_grad(lambda p, x: _weight_loss(theirs(p, x)), (0, 1))(params, x)
+    np.testing.assert_allclose(y1, y0, rtol=1e-5)
+    np.testing.assert_allclose(gx1, gx0, rtol=1e-4, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 nnx.to_pure_dict(nnx.state(g1, nnx.Param)), nnx.to_pure_dict(g0))
 
 
 def test_weight_norm_linear_equals_flax_nnx_weight_norm_of_a_linear():
@@ -636,3 +653,143 @@ def test_from_linen_checks_everything_before_writing_and_unboxes_partitioned_var
     boxed = jax.tree.map(lambda a: nn.Partitioned(a, names=(None,) * a.ndim), good)
     nznnx.from_linen(model, boxed)
     np.testing.assert_array_equal(model.layers[0].mean[...], np.full(4, 5.0))
+
+
+# ----------------------------------------------------------------------------- every layer, as flax.nnx's are
+
+
+EVERY = {
+    "BatchNorm": (lambda **kw: nznnx.BatchNorm(4, **kw), (8, 4)),
+    "BatchRenorm": (lambda **kw: nznnx.BatchRenorm(4, **kw), (8, 4)),
+    "MeanOnlyBatchNorm": (lambda **kw: nznnx.MeanOnlyBatchNorm(4, use_scale=True, **kw), (8, 4)),
+    "LpBatchNorm": (lambda **kw: nznnx.LpBatchNorm(4, p=1, **kw), (8, 4)),
+    "NoisyBatchNorm": (lambda **kw: nznnx.NoisyBatchNorm(4, **kw), (8, 4)),
+    "LayerNorm": (lambda **kw: nznnx.LayerNorm(4, **kw), (8, 4)),
+    "RMSNorm": (lambda **kw: nznnx.RMSNorm(4, use_bias=True, **kw), (8, 4)),
+    "GroupNorm": (lambda **kw: nznnx.GroupNorm(4, num_groups=2, **kw), (2, 3, 4)),
+    "InstanceNorm": (lambda **kw: nznnx.InstanceNorm(4, track_running_stats=True, **kw), (2, 3, 4)),
+    "IBN": (lambda **kw: nznnx.IBN(4, **kw), (2, 3, 4)),
+}
+WEIGHT = {
+    "WeightNormLinear": (lambda **kw: nznnx.WeightNormLinear(4, 3, **kw), (8, 4)),
+    "CosineLinear": (lambda **kw: nznnx.CosineLinear(4, 3, use_scale=True, use_bias=True, **kw), (8, 4)),
+    "WeightNormConv": (lambda **kw: nznnx.WeightNormConv(4, 3, (3,), **kw), (2, 5, 4)),
+    "CosineConv": (lambda **kw: nznnx.CosineConv(4, 3, (3,), **kw), (2, 5, 4)),
+}
+
+
+@pytest.mark.parametrize("name", list(EVERY) + list(WEIGHT))
+def test_graph_depends_on_configuration_not_on_initial_values(name):
+    """flax.nnx keeps no initializer as an attribute: two layers built with different initializers
+    have equal graphdefs, so nnx.jit traces once for both."""
+    build, shape = {**EVERY, **WEIGHT}[name]
+    inits = ("kernel_init", "bias_init", "scale_init") if name in WEIGHT else ("bias_init", "scale_init")
+    a = build(rngs=nnx.Rngs(0), **{k: nn.initializers.zeros for k in inits})
+    b = build(rngs=nnx.Rngs(1), **{k: nn.initializers.normal(1.0) for k in inits})
+    assert nnx.graphdef(a) == nnx.graphdef(b)
+    traces = []
+
+    @nnx.jit
+    def call(m, x):
+        traces.append(1)
+        return m(x)
+
+    x = _data(shape)
+    call(a, x), call(b, x)
+    assert len(traces) == 1
+    # Abstract construction (flax#4734) gives the same structure without computing anything.
+    abstract = nnx.eval_shape(lambda: build(rngs=nnx.Rngs(0)))
+    assert jax.tree.map(lambda v: (v.shape, v.dtype), nnx.state(abstract)) == jax.tree.map(
+        lambda v: (v.shape, v.dtype), nnx.state(a))
+
+
+@pytest.mark.parametrize("name", some_slow(list(EVERY) + list(WEIGHT), fast={"BatchRenorm", "IBN", "GroupNorm", "CosineConv"}))
+def test_tabulate_shows_one_row_per_layer_with_every_option(name):
+    build, shape = {**EVERY, **WEIGHT}[name]
+
+    class Net(nnx.Module):
+        def __init__(self):
+            self.layer = build(rngs=nnx.Rngs(0))
+
+        def __call__(self, x):
+            return self.layer(x)
+
+    table = nnx.tabulate(Net(), _data(shape), compute_flops=True, compute_vjp_flops=True,
+                         console_kwargs={"force_terminal": False, "no_color": True, "width": 400})
+    rows = [line.split("│")[1].strip() for line in table.splitlines() if line.startswith("│")]
+    assert "layer" in rows and not any(r.startswith("layer/") for r in rows), rows  # no inner method rows
+
+
+def test_view_info_lists_every_view_argument_and_views_reach_every_layer():
+    class Net(nnx.Module):
+        def __init__(self):
+            self.layers = nnx.List([build(rngs=nnx.Rngs(0)) for build, _ in EVERY.values()])
+
+    info = nnx.view_info(Net())
+    for cls in ("BatchNorm", "BatchRenorm", "MeanOnlyBatchNorm", "LpBatchNorm", "NoisyBatchNorm", "InstanceNorm"):
+        assert f"{cls}:\n  use_running_average: bool | None = None\n    if True, the stored running statistics" in info
+    viewed = nnx.view(Net(), use_running_average=True)
+    assert all(getattr(m, "use_running_average", True) is True for m in viewed.layers)
+
+
+def test_a_custom_promote_dtype_decides_the_dtypes_and_statistics_stay_float32():
+    """flax.nnx's meaning: promote_dtype((x, mean, var, scale, bias), dtype=...) -> the arrays the
+    layer computes with; normzoo still reduces in float32 (flax.nnx too, for its statistics)."""
+    seen = []
+
+    def to_half(arrays, dtype=None):
+        seen.append(len(arrays))
+        return tuple(None if a is None else jnp.asarray(a, jnp.float16) for a in arrays)
+
+    x = _data((4096, 3), loc=300.0, scale=1.0)  # a float16 sum of this overflows; its mean needs float32
+    bn = nznnx.BatchNorm(3, momentum=0.0, promote_dtype=to_half, rngs=nnx.Rngs(0))
+    y = bn(x)
+    assert y.dtype == jnp.float16 and seen == [5]
+    assert bn.mean[...].dtype == jnp.float32  # the variables keep their dtype
+    x16 = np.asarray(np.asarray(x, np.float16), np.float64)
+    np.testing.assert_allclose(bn.mean[...], x16.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(bn.var[...], x16.var(0), rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(y, np.float64), (x16 - x16.mean(0)) / np.sqrt(x16.var(0) + 1e-5), atol=2e-2)
+    ln = nznnx.LayerNorm(3, promote_dtype=to_half, rngs=nnx.Rngs(0))
+    assert ln(x).dtype == jnp.float16 and seen[-1] == 3
+    flax_ln = nnx.LayerNorm(3, promote_dtype=to_half, use_fast_variance=False, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(np.asarray(ln(x[:8] - 300), np.float32), np.asarray(flax_ln(x[:8] - 300), np.float32),
+                               atol=2e-3)
+
+
+LINEN_TWINS = {
+    nznnx.BatchNorm: normzoo.BatchNorm, nznnx.BatchRenorm: normzoo.BatchRenorm,
+    nznnx.MeanOnlyBatchNorm: normzoo.MeanOnlyBatchNorm, nznnx.LpBatchNorm: normzoo.LpBatchNorm,
+    nznnx.NoisyBatchNorm: normzoo.NoisyBatchNorm, nznnx.LayerNorm: normzoo.LayerNorm, nznnx.RMSNorm: normzoo.RMSNorm,
+    nznnx.GroupNorm: normzoo.GroupNorm, nznnx.InstanceNorm: normzoo.InstanceNorm, nznnx.IBN: normzoo.IBN,
+    nznnx.WeightNormLinear: normzoo.WeightNormDense, nznnx.CosineLinear: normzoo.CosineDense,
+    nznnx.WeightNormConv: normzoo.WeightNormConv, nznnx.CosineConv: normzoo.CosineConv,
+}
+FLAX_NNX = {nznnx.BatchNorm: nnx.BatchNorm, nznnx.LayerNorm: nnx.LayerNorm, nznnx.RMSNorm: nnx.RMSNorm,
+            nznnx.GroupNorm: nnx.GroupNorm, nznnx.InstanceNorm: nnx.InstanceNorm, nznnx.WeightNormLinear: nnx.Linear,
+            nznnx.CosineLinear: nnx.Linear, nznnx.WeightNormConv: nnx.Conv, nznnx.CosineConv: nnx.Conv}
+
+
+@pytest.mark.parametrize("ours", list(LINEN_TWINS), ids=lambda c: c.__name__)
+def test_every_normzoo_option_has_the_linen_default(ours):
+    """Arguments flax.nnx's layer lacks (normzoo's options, and those of layers flax.nnx has no
+    counterpart of) default to the linen layer's field defaults."""
+    import dataclasses
+
+    theirs = FLAX_NNX.get(ours, nnx.BatchNorm)  # layers flax lacks extend BatchNorm's constructor
+    flax_args = set(inspect.signature(theirs.__init__).parameters)
+    linen = {f.name: f.default for f in dataclasses.fields(LINEN_TWINS[ours]) if f.default is not dataclasses.MISSING}
+    checked = 0
+    for p in inspect.signature(ours.__init__).parameters.values():
+        if p.name in flax_args or p.default is inspect.Parameter.empty or p.name.endswith("_metadata"):
+            continue
+        assert p.name in linen, (ours.__name__, p.name)
+        if p.name == "use_running_average":  # flax's own convention: nnx.BatchNorm False, linen None
+            assert (p.default, linen[p.name]) == (inspect.signature(nnx.BatchNorm.__init__).parameters[p.name].default,
+                                                  [f.default for f in dataclasses.fields(nn.BatchNorm) if f.name == p.name][0])
+        elif p.name.endswith("_init"):
+            assert _same_init(p.default, linen[p.name]), (ours.__name__, p.name)
+        else:
+            assert p.default == linen[p.name], (ours.__name__, p.name, p.default, linen[p.name])
+        checked += 1
+    assert checked or ours in (nznnx.LayerNorm, nznnx.GroupNorm)
