@@ -49,6 +49,16 @@ class _Shell(nn.Module):
         return [self.variable("batch_stats", n, lambda s, f=fill[n]: jnp.full(s, f, dtype), shape) for n in names]
 
     @nn.nowrap
+    def _read(self, variables, training: bool) -> list[Array | None]:
+        """The running statistics' values; at inference with ``force_float32_reductions=False`` in
+        ``param_dtype``, as flax normalizes with them."""
+        values = [None if v is None else v.value for v in variables]
+        if training or getattr(self, "force_float32_reductions", True):
+            return values
+        return [a if a is None or not jnp.issubdtype(jnp.result_type(a), jnp.floating)
+                else jnp.asarray(a, self.param_dtype) for a in values]
+
+    @nn.nowrap
     def _store(self, variables, new, x: Array, training: bool) -> None:
         """Writes the new running statistics of a training call (never while initializing). With
         ``force_float32_reductions=False`` they keep flax's dtype: the variable's, promoted with
@@ -102,7 +112,7 @@ class _Mapped(_Shell):
 
     @nn.nowrap
     def _features(self, x: Array) -> tuple[int, ...]:
-        return F._layout(x, self.axis, self.virtual_batch_size, type(self).__name__).shape
+        return F._layout(x, self.axis, None, type(self).__name__).shape
 
     @nn.nowrap
     def _options(self, mask: Array | None) -> dict[str, Any]:
@@ -201,7 +211,7 @@ class BatchNorm(_BatchFields):
         shape = self._features(x)
         running = self._running(shape)
         scale, bias = self._affine(shape)
-        amap, new = F._batch_map(x, running[0].value, running[1].value, scale, bias, training=not use_ra,
+        amap, new = F._batch_map(x, *self._read(running, not use_ra), scale, bias, training=not use_ra,
                                  **self._options(mask))
         self._store(running, new, x, not use_ra)
         return amap
@@ -262,7 +272,7 @@ class BatchRenorm(_BatchFields):
         running = self._running(shape) + [self.variable("batch_stats", "steps", lambda: jnp.zeros((), jnp.int32))]
         scale, bias = self._affine(shape)
         amap, new = F._renorm_map(
-            x, *(v.value for v in running), scale, bias, training=not use_ra, r_max=self.r_max, d_max=self.d_max,
+            x, *self._read(running, not use_ra), scale, bias, training=not use_ra, r_max=self.r_max, d_max=self.d_max,
             warmup_steps=self.warmup_steps, warmup_schedule=self.warmup_schedule,
             correct=not self.is_initializing(), **self._options(mask),
         )
@@ -302,7 +312,7 @@ class MeanOnlyBatchNorm(_BatchFields):
         shape = self._features(x)
         running = self._running(shape, names=("mean",))
         scale, bias = self._affine(shape)
-        amap, new = F._batch_map(x, running[0].value, None, scale, bias, training=not use_ra, divide=False,
+        amap, new = F._batch_map(x, *self._read(running, not use_ra), None, scale, bias, training=not use_ra, divide=False,
                                  **self._options(mask))
         self._store(running, new, x, not use_ra)
         return amap
@@ -362,7 +372,7 @@ class NoisyBatchNorm(BatchNorm):
         scale, bias = self._affine(shape)
         noisy = not use_ra and not self.is_initializing()
         amap, new = F._noisy_map(
-            x, running[0].value, running[1].value, scale, bias, training=not use_ra,
+            x, *self._read(running, not use_ra), scale, bias, training=not use_ra,
             key=self.make_rng(self.rng_collection) if noisy else None, shift_range=self.shift_range,
             scale_range=self.scale_range, noise_width=self.noise_width, **self._options(mask),
         )
@@ -420,7 +430,7 @@ class LpBatchNorm(BatchNorm):
         shape = self._features(x)
         running = self._running(shape)
         scale, bias = self._affine(shape)
-        amap, new = F._lp_map(x, running[0].value, running[1].value, scale, bias, p=self.p, training=not use_ra,
+        amap, new = F._lp_map(x, *self._read(running, not use_ra), scale, bias, p=self.p, training=not use_ra,
                               **self._options(mask))
         self._store(running, new, x, not use_ra)
         return amap

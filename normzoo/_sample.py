@@ -255,7 +255,7 @@ class InstanceNorm(_Shell):
             use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
             training, running = not use_ra, self._running(F._feature_shape(x, feature_axes))
         amap, new = F._instance_map(
-            x, scale, bias, *(None if v is None else v.value for v in running), training=training,
+            x, scale, bias, *(self._read(running, training) if self.track_running_stats else running), training=training,
             momentum=self.momentum, feature_axes=self.feature_axes, **_options(self, mask),
         )
         self._store(running, new, x, training)

@@ -112,13 +112,6 @@ def stats_dtype(x_dtype: Any, dtype: Any = None) -> Any:
     return jnp.promote_types(base, jnp.float32)
 
 
-def nominal_dtype(x_dtype: Any, dtype: Any, force_float32_reductions: bool) -> Any:
-    """The dtype flax.linen computes statistics in, which sets the dtype of updated
-    running statistics (we compute in :func:`stats_dtype`, at least float32, always)."""
-    base = jnp.result_type(x_dtype) if dtype is None else jnp.dtype(dtype)
-    return jnp.promote_types(base, jnp.float32) if force_float32_reductions else base
-
-
 def _real_dtype(dtype: Any) -> Any:
     return jnp.finfo(dtype).dtype
 
@@ -644,7 +637,6 @@ __all__ = [
     "group_mean",
     "local_moments",
     "moments",
-    "nominal_dtype",
     "statistics_path",
     "stats_dtype",
     "synced_moments",

@@ -121,7 +121,7 @@ def _cosine(mdl: nn.Module, x: Array, op: Callable, kernel_shape: tuple[int, ...
     scale = mdl.param("scale", mdl.scale_init, (), mdl.param_dtype) if mdl.use_scale else None
     bias = _bias(mdl, mdl.bias_init)
     x, kernel = mdl.promote_dtype(x, kernel, dtype=mdl.dtype)
-    return F._cosine(x, kernel, bias, scale, mdl.epsilon, op, sumsq, mdl.dtype)
+    return F._cosine(x, kernel, scale, bias, mdl.epsilon, op, sumsq, mdl.dtype, promote=False)
 
 
 def _dense_sumsq(x: Array, kernel_shape) -> Array:

@@ -525,7 +525,8 @@ def batch_statistics(model: nn.Module, variables: Mapping, *args, method: Callab
     training-mode arguments, e.g. ``train=True``) with every layer that has a ``momentum`` and
     keeps ``batch_stats`` (flax's and normzoo's BatchNorm family, IBN, InstanceNorm with running
     statistics, or your own flax-style layer) run, through a method interceptor, as a copy of
-    itself with ``momentum=0`` on its own variables (nothing is mutated), so that each layer's
+    itself with ``momentum=0`` bound to the layer's own scope (its variables and rng streams;
+    nothing is mutated), so that each layer's
     updated running statistics are this batch's statistics: its own reduction, masks, ghost
     batches and cross-device sync (``axis_name``, or a sharded batch under ``jit``) included.
     Each layer still normalizes as in training (BatchRenorm with its running statistics).
@@ -534,41 +535,33 @@ def batch_statistics(model: nn.Module, variables: Mapping, *args, method: Callab
     Returns:
       A ``batch_stats`` tree shaped like ``variables['batch_stats']``.
     """
-    found: dict[tuple[str, ...], Any] = {}
-    inside: list[bool] = []
+    twins: dict[int, nn.Module] = {}
 
     def capture(next_fun, a, kw, context):
-        # Each running-statistics layer runs as a copy with momentum 0 (its updated running
-        # statistics are then this batch's), on its own variables; the model sees its output.
+        # Each running-statistics layer runs as a copy of itself with momentum 0 bound to the
+        # layer's own scope: its variables (so its updated running statistics are this batch's
+        # statistics, written where the layer's go, lifted transforms included) and its rng
+        # streams (the same draws as the layer's). Nothing is mutated.
         m = context.module
-        if inside or context.method_name not in ("__call__", "affine_map") or not _momentum_field(m):
+        if context.method_name not in ("__call__", "affine_map") or not _momentum_field(m) or m.momentum == 0.0:
             return next_fun(*a, **kw)
         given = a[1] if len(a) > 1 else kw.get("use_running_average")
         if (given if given is not None else m.use_running_average):  # inference: no statistics taken
             return next_fun(*a, **kw)
-        rngs = {name: m.make_rng(name) for name in getattr(m.scope, "rngs", {})}
-        inside.append(True)
-        try:
-            out, updates = m.clone(parent=None, momentum=0.0).apply(
-                m.variables, *a, method=context.method_name, mutable=["batch_stats"], rngs=rngs, **kw)
-        finally:
-            inside.pop()
-        found[m.path] = updates["batch_stats"]
-        return out
+        twin = twins.get(id(m))
+        if twin is None:  # one twin per module (and so per scope): a shared module is called again
+            twin = twins[id(m)] = m.clone(parent=m.scope, momentum=0.0)
+        return getattr(twin, context.method_name)(*a, **kw)
 
     with nn.intercept_methods(capture):
         _, updates = model.apply(variables, *args, method=method, mutable=["batch_stats"], **kwargs)
-    if not found:
+    if not twins:
         raise ValueError(
             "batch_statistics: no layer computed batch statistics (each ran with "
             "use_running_average=True, or none keeps batch_stats): pass the model's "
             "training-mode arguments, e.g. train=True."
         )
-    flat = traverse_util.flatten_dict(dict(updates["batch_stats"]))
-    for path, stats in found.items():
-        for key, value in traverse_util.flatten_dict(dict(stats)).items():
-            flat[path + key] = value
-    return traverse_util.unflatten_dict(flat)
+    return updates["batch_stats"]
 
 
 def precise_batch_stats(model: nn.Module, variables: Mapping, batches: Iterable, *,

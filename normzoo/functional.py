@@ -19,6 +19,9 @@ Conventions (flax's names, torch's argument order where it fits):
   (``momentum * running + (1 - momentum) * batch``, flax's convention: PyTorch's 0.1 is
   0.9 here); False normalizes by the running statistics and returns them unchanged. They
   return ``(y, stats)``, a :class:`BatchStats` (or :class:`RenormStats`); the others return ``y``.
+  New running statistics carry no gradient (they are state) and have the running statistics'
+  dtype promoted with that of the statistics (at least float32, as flax): keep them in float32
+  (a ``lax.scan`` carry of bfloat16 statistics would change type).
 * Statistics are computed stably (no catastrophic cancellation for inputs with large means)
   in at least float32 whatever the input dtype; complex inputs have a complex mean and the real
   variance ``E|x - mean|^2``. ``mask`` (boolean, broadcastable to ``x``) selects the elements
@@ -275,11 +278,12 @@ def _batch_map(
     ``correction`` (BatchRenorm's ``r`` and ``d``).
 
     Returns the output map ``y = (x - mean) * mul + add`` and the new running statistics.
-    ``correction(batch_mean, batch_var, inv, running_mean, running_var) -> (inv, offset)``
+    ``correction(batch_mean, batch_var, inv, running_mean, running_var, valid) -> (inv, offset)``
     rewrites the training map's ``1/sqrt(var + eps)`` and adds an offset (before ``scale``),
-    given the running statistics before this step.
+    given the running statistics before this step (``valid``: the features any element reached).
     """
-    layout = _layout(x, axis, virtual_batch_size, layer)
+    # Ghost batches only shape the batch statistics: inference takes any batch size.
+    layout = _layout(x, axis, virtual_batch_size if training else None, layer)
     _check_features(layer, x, layout.features, "axis", mean=mean, var=var, scale=scale, bias=bias)
     _check_momentum(momentum, layer=layer)
     mask = _stats.check_mask(mask, x, layer=layer)
@@ -293,7 +297,7 @@ def _batch_map(
         center = batch_mean
         inv = lax.rsqrt(batch_var + epsilon) if divide else None
         if correction is not None:
-            inv, offset = correction(batch_mean, batch_var, inv, mean, var)
+            inv, offset = correction(batch_mean, batch_var, inv, mean, var, valid)
     else:
         if mean is None or (divide and var is None):
             raise ValueError(
@@ -397,7 +401,7 @@ def mean_only_batch_norm(
 # The share of the way from the bounds (1, 0) to (r_max, d_max) after `steps` of `warmup`.
 _SCHEDULES = {
     "linear": lambda steps, warmup: 1.0 if warmup == 0 else jnp.minimum(jnp.asarray(steps, jnp.float32) / warmup, 1.0),
-    "step": lambda steps, warmup: (steps >= warmup).astype(jnp.float32),
+    "step": lambda steps, warmup: (jnp.asarray(steps) >= warmup).astype(jnp.float32),
 }
 
 
@@ -421,10 +425,11 @@ def _check_renorm(r_max, d_max, warmup_steps, warmup_schedule, layer):
         )
 
 
-def renorm_correction(mean, inv_batch, running_mean, running_var, epsilon, r_max, d_max):
+def renorm_correction(mean, inv_batch, running_mean, running_var, epsilon, r_max, d_max, valid=None):
     """BatchRenorm's ``(r, d)``, gradients stopped: ``r = clip(sigma_B / sigma, 1/r_max, r_max)``,
     ``d = clip((mu_B - mu) / sigma, -d_max, d_max)`` against the running statistics ``mu,
-    sigma`` before this step (``sigma_B = 1 / inv_batch``)."""
+    sigma`` before this step (``sigma_B = 1 / inv_batch``); ``r = 1, d = 0`` where ``valid`` is
+    False (no element reached the feature: its neutral statistics stay neutral)."""
     inv_run = lax.rsqrt(running_var + epsilon)
     r = jnp.clip(inv_run / inv_batch, 1.0 / r_max, r_max)
     d = (mean - running_mean) * inv_run
@@ -432,6 +437,8 @@ def renorm_correction(mean, inv_batch, running_mean, running_var, epsilon, r_max
     # for complex inputs, whose d has no order.
     size = jnp.abs(d)
     d = jnp.where(size > d_max, d * (d_max / jnp.maximum(size, jnp.finfo(size.dtype).tiny)), d)
+    if valid is not None:
+        r, d = jnp.where(valid, r, 1.0), jnp.where(valid, d, 0.0)
     return lax.stop_gradient(r), lax.stop_gradient(d)
 
 
@@ -444,10 +451,10 @@ def _renorm_map(x, mean, var, steps, scale, bias, *, training, r_max, d_max, war
         raise ValueError(f"{layer}: BatchRenorm corrects by its running statistics: pass `mean`, `var` and `steps`.")
     epsilon = options["epsilon"]
 
-    def correction(batch_mean, batch_var, inv, run_mean, run_var):
+    def correction(batch_mean, batch_var, inv, run_mean, run_var, valid):
         t = _SCHEDULES[warmup_schedule](steps, warmup_steps)
         r, d = renorm_correction(batch_mean, inv, run_mean, run_var, epsilon,
-                                 1.0 + (r_max - 1.0) * t, d_max * t)
+                                 1.0 + (r_max - 1.0) * t, d_max * t, valid)
         return inv * r, d
 
     amap, (new_mean, new_var) = _batch_map(x, mean, var, scale, bias, training=training, layer=layer,
@@ -652,7 +659,7 @@ def _noisy_map(x, mean, var, scale, bias, *, key, training, shift_range, scale_r
 
 def noisy_batch_norm(
     x: Array, mean: Array | None = None, var: Array | None = None, scale: Array | None = None,
-    bias: Array | None = None, *, key: Array | None, training: bool, shift_range: float = 0.5,
+    bias: Array | None = None, *, key: Array | None = None, training: bool, shift_range: float = 0.5,
     scale_range: tuple[float, float] = (1.0, 1.25), noise_width: float = 0.1, momentum: float = 0.99,
     epsilon: float = 1e-5, axis: Axes = -1, mask: Array | None = None, axis_name: str | None = None,
     axis_index_groups: Any = None, virtual_batch_size: int | None = None, dtype: Any = None,
@@ -1049,6 +1056,11 @@ def weight_norm(v: Array, g: Array, *, epsilon: float = 1e-12, mask: Array | Non
             f"weight_norm: `g` has shape {tuple(jnp.shape(g))}, but `v` of shape {tuple(jnp.shape(v))} has "
             f"{jnp.shape(v)[-1]} units (its last axis); give g the shape {tuple(jnp.shape(v)[-1:])}."
         )
+    if mask is not None and jnp.shape(mask) != jnp.shape(v):
+        raise ValueError(
+            f"weight_norm: `mask` has shape {tuple(jnp.shape(mask))}, but `v` has shape {tuple(jnp.shape(v))}; "
+            "give the mask the kernel's shape."
+        )
     dt = _stats.stats_dtype(jnp.result_type(v) if dtype is None else dtype)
     return _direction(v, epsilon, mask, dt) * jnp.asarray(g, dt)
 
@@ -1062,10 +1074,11 @@ def _add_bias(y: Array, bias: Array | None) -> Array:
     return y if bias is None else y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
 
 
-def _cosine(x: Array, kernel: Array, bias: Array | None, scale: Array | None, epsilon: float, op: Callable,
-            patch_sumsq: Callable, dtype: Any) -> Array:
-    """``scale * op(x, w) / (||w|| ||x_patch||) + bias`` per output unit (and patch)."""
-    x_, k_ = flax_dtypes.promote_dtype(x, kernel, dtype=dtype)
+def _cosine(x: Array, kernel: Array, scale: Array | None, bias: Array | None, epsilon: float, op: Callable,
+            patch_sumsq: Callable, dtype: Any, promote: bool = True) -> Array:
+    """``scale * op(x, w) / (||w|| ||x_patch||) + bias`` per output unit (and patch); ``promote=False``
+    where the caller has promoted ``x`` and ``kernel`` itself (a layer's ``promote_dtype``)."""
+    x_, k_ = flax_dtypes.promote_dtype(x, kernel, dtype=dtype) if promote else (x, kernel)
     dot = op(x_, k_)
     sdt = _stats.stats_dtype(dot.dtype)
     kf = jnp.asarray(k_, sdt)
@@ -1090,15 +1103,24 @@ def _check_kernel(layer: str, x: Array, kernel: Array, bias: Array | None, in_fe
         )
 
 
+def _check_scalar(layer: str, scale: Array | None) -> None:
+    if scale is not None and jnp.ndim(scale) != 0:
+        raise ValueError(
+            f"{layer}: `scale` must be a scalar (one temperature for every output), got shape "
+            f"{tuple(jnp.shape(scale))}; pass a 0-d array."
+        )
+
+
 def cosine_dense(
-    x: Array, kernel: Array, bias: Array | None = None, scale: Array | None = None, *,
+    x: Array, kernel: Array, scale: Array | None = None, bias: Array | None = None, *,
     epsilon: float = 1e-12, precision: Any = None, dot_general: Any = None, dtype: Any = None,
 ) -> Array:
     r"""Cosine normalization of a dense layer (Luo et al. 2017, arXiv:1702.05870).
 
     .. math:: y_j = s \frac{w_j \cdot x}{\lVert w_j \rVert \, \lVert x \rVert} + b_j
 
-    ``kernel`` is ``(in, out)``; ``scale`` an optional scalar ``s``; ``bias`` optional.
+    ``kernel`` is ``(in, out)``; ``scale`` an optional scalar ``s`` (a temperature); ``bias``
+    optional, one per output.
     Each output is the cosine between the input and the unit's weights.
 
     Example:
@@ -1110,9 +1132,10 @@ def cosine_dense(
     if x.ndim < 1:
         raise ValueError("cosine_dense: expected an input of rank >= 1 (features last), got a scalar.")
     _check_kernel("cosine_dense", x, kernel, bias, x.shape[-1])
+    _check_scalar("cosine_dense", scale)
     op = lambda a, k: _dense(a, k, precision, dot_general)  # noqa: E731
     sumsq = lambda a, kernel_shape: jnp.sum(_stats.abs_sq(a), -1, keepdims=True)  # noqa: E731
-    return _cosine(x, kernel, bias, scale, epsilon, op, sumsq, dtype)
+    return _cosine(x, kernel, scale, bias, epsilon, op, sumsq, dtype)
 
 
 # --------------------------------------------------------------------------- convolutions
@@ -1264,7 +1287,7 @@ def conv(
 
 
 def cosine_conv(
-    x: Array, kernel: Array, bias: Array | None = None, scale: Array | None = None, *, strides: Any = 1,
+    x: Array, kernel: Array, scale: Array | None = None, bias: Array | None = None, *, strides: Any = 1,
     padding: Any = "SAME", input_dilation: Any = 1, kernel_dilation: Any = 1, feature_group_count: int = 1,
     mask: Array | None = None, precision: Any = None, epsilon: float = 1e-12, conv_general_dilated: Any = None,
     dtype: Any = None,
@@ -1287,8 +1310,9 @@ def cosine_conv(
     """
     geometry = _conv_kernel_geometry(x, kernel, bias, strides, padding, input_dilation, kernel_dilation,
                                      feature_group_count, mask, precision, "cosine_conv")
+    _check_scalar("cosine_conv", scale)
     if mask is not None:
         kernel = kernel * mask
     op = lambda a, k: _convolve(geometry, a, k, conv_general_dilated)  # noqa: E731
     sumsq = lambda a, kernel_shape: _patch_sumsq(geometry, a, kernel_shape, mask, feature_group_count)  # noqa: E731
-    return geometry.restore(_cosine(geometry.x, kernel, bias, scale, epsilon, op, sumsq, dtype))
+    return geometry.restore(_cosine(geometry.x, kernel, scale, bias, epsilon, op, sumsq, dtype))

@@ -960,7 +960,8 @@ class _Cosine(_WeightLayer):
         if getattr(self, "mask", None) is not None:
             kernel = kernel * self.mask
         x, kernel = self.promote_dtype((x, kernel), dtype=self.dtype)
-        return F._cosine(x, kernel, _value(self.bias), _value(self.scale), self.epsilon, op, sumsq, self.dtype)
+        return F._cosine(x, kernel, _value(self.scale), _value(self.bias), self.epsilon, op, sumsq, self.dtype,
+                         promote=False)
 
 
 def _config(local: dict) -> dict:

@@ -121,13 +121,13 @@ class BatchRenorm(_Mapped):
         on = 0.0 if self.is_initializing() else (jnp.asarray(steps.value) >= warmup).astype(jnp.float32)
         r_max, d_max = 1.0 + (bounds[0].value - 1.0) * on, bounds[1].value * on
 
-        def correction(mean, var, inv, run_mean, run_var):
+        def correction(mean, var, inv, run_mean, run_var, valid):
             # sbx's form: BatchNorm of the mean mu_B - d sigma_B / r and the variance sigma_B^2 / r^2.
-            r, d = F.renorm_correction(mean, inv, run_mean, run_var, self.epsilon, r_max, d_max)
+            r, d = F.renorm_correction(mean, inv, run_mean, run_var, self.epsilon, r_max, d_max, valid)
             inv = lax.rsqrt(var / r**2 + self.epsilon)
             return inv, d * _sqrt(var) / r * inv
 
-        amap, new = F._batch_map(x, running[0].value, running[1].value, scale, bias, training=not use_ra,
+        amap, new = F._batch_map(x, *self._read(running, not use_ra), scale, bias, training=not use_ra,
                                  correction=correction, **self._options(mask))
         self._store(running, new, x, not use_ra)
         if not use_ra and not self.is_initializing():

@@ -391,6 +391,70 @@ def test_batch_statistics_mutates_no_module_and_reads_flax_layers_too():
     assert ibn.momentum == 0.99
 
 
+class _Noisy(nn.Module):
+    momentum: float = 0.9
+
+    @nn.compact
+    def __call__(self, x):
+        x = normzoo.NoisyBatchNorm(use_running_average=False, momentum=self.momentum)(x)
+        return normzoo.BatchNorm(use_running_average=False, momentum=self.momentum)(nn.Dense(3)(x))
+
+
+class _Owner(nn.Module):
+    """A user block with flax-style fields of its own, owning a flax BatchNorm."""
+
+    use_running_average: bool = False
+    momentum: float = 0.9
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.BatchNorm(use_running_average=self.use_running_average, momentum=0.99)(nn.Dense(4)(x))
+
+
+class _Lifted(nn.Module):
+    wrap: str
+
+    @nn.compact
+    def __call__(self, x):
+        if self.wrap == "scan":
+            def body(mdl, c, _):
+                return nn.tanh(normzoo.BatchNorm(use_running_average=False)(nn.Dense(3)(c))), None
+            return nn.scan(body, variable_axes={"params": 0, "batch_stats": 0}, split_rngs={"params": True},
+                           length=3)(self, x, None)[0]
+        if self.wrap == "vmap":
+            return nn.vmap(_Owner, variable_axes={"params": 0, "batch_stats": 0}, split_rngs={"params": True})()(
+                jnp.stack([x, x + 1]))
+        return nn.remat(_Owner)()(x)
+
+
+def test_batch_statistics_through_lifted_transforms_nested_blocks_and_rng_streams():
+    """The batch's statistics are those a training pass with momentum 0 leaves, in every case."""
+    x = jnp.asarray(RNG.normal(size=(32, 3)) * 3 + 2, jnp.float32)
+
+    def recovered(model, v, momentum, **kw):  # a plain training pass: new = m * old + (1 - m) * batch
+        new = model.apply(v, x, mutable=["batch_stats"], **kw)[1]["batch_stats"]
+        return jax.tree.map(lambda n, o: (n - momentum * o) / (1 - momentum), new, v["batch_stats"])
+
+    for model, momentum, kw in ((_Noisy(), 0.9, {"rngs": {"noise": jax.random.key(5)}}), (_Lifted("scan"), 0.99, {}),
+                                (_Lifted("vmap"), 0.99, {}), (_Lifted("remat"), 0.99, {})):
+        v = model.init(jax.random.key(1), x)
+        got = jax.jit(lambda v: deploy.batch_statistics(model, v, x, **kw))(v)
+        assert jax.tree.structure(got) == jax.tree.structure(v["batch_stats"])
+        assert all(isinstance(a, jax.Array) and a.shape == b.shape
+                   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(v["batch_stats"])))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3), got,
+                     recovered(model, v, momentum, **kw))
+    # The owner's own BatchNorm (momentum 0.99 of its own) gives the batch's mean, not its average.
+    v = _Owner().init(jax.random.key(1), x)
+    h = nn.Dense(4).apply({"params": v["params"]["Dense_0"]}, x)
+    np.testing.assert_allclose(deploy.batch_statistics(_Owner(), v, x)["BatchNorm_0"]["mean"], h.mean(0), rtol=1e-5)
+    # NoisyBatchNorm draws what a training pass draws: the next layer sees the same noise.
+    v = _Noisy(0.0).init(jax.random.key(1), x)
+    trained = _Noisy(0.0).apply(v, x, rngs={"noise": jax.random.key(5)}, mutable=["batch_stats"])[1]["batch_stats"]
+    got = deploy.batch_statistics(_Noisy(), v, x, rngs={"noise": jax.random.key(5)})
+    np.testing.assert_allclose(got["BatchNorm_0"]["mean"], trained["BatchNorm_0"]["mean"], rtol=1e-6)
+
+
 def test_batch_statistics_of_a_layer_used_through_affine_map():
     class Mapped(nn.Module):
         @nn.compact

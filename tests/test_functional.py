@@ -180,6 +180,20 @@ def test_a_channel_no_element_reaches_gets_the_neutral_statistics():
         np.testing.assert_allclose(yp[..., 1], ref.f64(x[..., 1]) / np.sqrt(1 + 1e-5), rtol=1e-5)
 
 
+def test_batch_renorm_keeps_empty_channels_neutral_and_counts_python_ints():
+    x = data("normal", (16, 4)) * 3
+    mask = np.ones(x.shape, bool)
+    mask[:, 2] = False
+    for schedule in ("linear", "step"):
+        y, stats = F.batch_renorm(x, jnp.full(4, 5.0), jnp.full(4, 4.0), 0, training=True, warmup_steps=0,
+                                  warmup_schedule=schedule, mask=jnp.asarray(mask))
+        np.testing.assert_allclose(y[:, 2], x[:, 2] / np.sqrt(1 + 1e-5), rtol=1e-5)  # r = 1, d = 0 there
+        assert int(stats.steps) == 1
+    # Ghost batches shape the batch statistics only: inference takes any batch size.
+    y, _ = F.batch_norm(x[:5], jnp.zeros(4), jnp.ones(4), training=False, virtual_batch_size=4)
+    np.testing.assert_allclose(y, x[:5] / np.sqrt(1 + 1e-5), rtol=1e-6)
+
+
 def test_gradients_match_flax_on_the_same_arrays():
     """batch_norm's gradients (input, scale, bias) against flax.linen.BatchNorm's own."""
     import flax.linen as nn
@@ -271,8 +285,12 @@ def test_weight_side_functions_match_their_references():
      r"weight_norm: `g` has shape \(5,\), but `v` of shape \(5, 4\) has 4 units \(its last axis\)"),
     (lambda: F.conv(jnp.ones((1, 6, 6, 3)), jnp.ones((3, 3, 2, 4))), ValueError,
      r"conv: `kernel` has shape \(3, 3, 2, 4\), but the input of shape \(1, 6, 6, 3\) needs \(3, 3, 3, 4\)"),
-    (lambda: F.cosine_dense(jnp.ones((2, 3)), jnp.ones((3, 4)), jnp.ones(3)), ValueError,
+    (lambda: F.cosine_dense(jnp.ones((2, 3)), jnp.ones((3, 4)), bias=jnp.ones(3)), ValueError,
      r"cosine_dense: `bias` has shape \(3,\), but the kernel has 4 output features"),
+    (lambda: F.cosine_dense(jnp.ones((2, 3)), jnp.ones((3, 4)), jnp.ones(4)), ValueError,
+     r"cosine_dense: `scale` must be a scalar \(one temperature for every output\), got shape \(4,\)"),
+    (lambda: F.weight_norm(jnp.ones((5, 4)), jnp.ones(4), mask=jnp.ones(4)), ValueError,
+     r"weight_norm: `mask` has shape \(4,\), but `v` has shape \(5, 4\)"),
 ])
 def test_errors_name_the_argument_the_value_and_the_fix(call, exc, pattern):
     with pytest.raises(exc, match=pattern):
