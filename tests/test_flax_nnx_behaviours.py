@@ -51,6 +51,12 @@ REF_LINEN = {
 LINEN_MATCH_RTOL = {np.dtype(np.float16): 4e-3, np.dtype(np.float32): 2e-5}
 
 NAMES = list(NNX)
+
+
+def names(*fast):
+    """NAMES as parameters; those not in ``fast`` in the slow run (tests/test_nnx.py checks these
+    behaviours on every normzoo layer by default)."""
+    return [pytest.param(n, marks=() if n in fast else pytest.mark.slow) for n in NAMES]
 # parameters each layer owns (BatchNorm additionally owns BatchStat mean/var)
 PARAM_NAMES = {n: ("scale", "bias") for n in NAMES} | {"RMSNorm": ("scale",)}
 
@@ -615,7 +621,7 @@ def test_C04_linen_bind_stateful():
 SAME_GRAPH_ARGS = {"BatchNorm": (3,), "LayerNorm": (3,), "RMSNorm": (3,), "GroupNorm": (6, 3), "InstanceNorm": (6,)}
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", names("BatchNorm"))
 def test_D01_graphdef_independent_of_initializers(name):
     inits = {"scale_init"} | ({"bias_init"} if name != "RMSNorm" else set())
     m1 = NNX[name](*SAME_GRAPH_ARGS[name], **{k: nnx.initializers.zeros for k in inits}, rngs=nnx.Rngs(0))
@@ -624,7 +630,7 @@ def test_D01_graphdef_independent_of_initializers(name):
     hash(nnx.graphdef(m1))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", names("BatchNorm"))
 def test_D02_jit_no_retrace_across_instances(name):
     """Consequence of D01 (cf. transforms_test test_tree_jit_no_retrace): same trace reused."""
     n = 0
@@ -642,7 +648,7 @@ def test_D02_jit_no_retrace_across_instances(name):
     assert n == 1
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", names("BatchNorm", "LayerNorm"))
 def test_D03_scale_bias_metadata_sharding(name):
     names = ("din", "dout")
     kw = {f"{p}_metadata": {"out_sharding": names[:1]} for p in PARAM_NAMES[name]}
@@ -835,7 +841,7 @@ def test_D13_train_state_with_batch_stats():
     state.apply_gradients(jax.tree.map(jnp.ones_like, state.params))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", names("BatchNorm"))
 def test_D14_eval_shape_abstract(name):
     m = nnx.eval_shape(lambda: nnx_layer(name, 6))
     for p in PARAM_NAMES[name]:
@@ -844,7 +850,7 @@ def test_D14_eval_shape_abstract(name):
         assert m.mean.get_value() == jax.ShapeDtypeStruct((6,), jnp.float32)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", names("BatchNorm", "LayerNorm"))
 def test_D15_clone_deepcopy_pickle(name):
     m = nnx_layer(name, 6)
     x = jax.random.normal(jax.random.key(0), (4, 6))
@@ -862,7 +868,7 @@ def test_D15_clone_deepcopy_pickle(name):
         np.testing.assert_allclose(other(x), y)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", names("BatchNorm", "LayerNorm"))
 def test_D16_pure_dict_roundtrip(name):
     m = nnx_layer(name, 6)
     _, state = nnx.split(m)
@@ -1098,7 +1104,7 @@ def _nested(norm, shared=False):
     return Model(nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", names("BatchNorm"))
 def test_F02_tabulate_flops_one_row_per_norm_call(name):
     # flax's test_nested uses BatchNorm with both flop counts; other layers: forward flops only
     table = nnx.tabulate(
@@ -1120,7 +1126,8 @@ def test_F03_tabulate_shared_module():
 # ============================================================================================
 # G. nnx transforms over modules containing BatchNorm (tests/nnx/transforms_test.py)
 # ============================================================================================
-GRAPH_MODES = [(True, True), (True, False), (False, False)]
+# flax's three graph modes; the default run keeps graph mode with updates, the slow run all three.
+GRAPH_MODES = [(True, True), pytest.param(True, False, marks=pytest.mark.slow), pytest.param(False, False, marks=pytest.mark.slow)]
 
 
 def test_G01_complex_vmap_init_scan_call():
@@ -1362,7 +1369,7 @@ def test_G10_nnx_vmap_batchnorm_axis_name():
 # ============================================================================================
 # H. Training integration (tests/nnx/integration_test.py)
 # ============================================================================================
-@pytest.mark.parametrize("graph_mode", [True, False])
+@pytest.mark.parametrize("graph_mode", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_H01_train_eval_views_with_optimizer(graph_mode):
     class Model(nnx.Module):
         def __init__(self, rngs):

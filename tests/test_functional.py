@@ -78,8 +78,13 @@ def _functions():
 FUNCTIONS = _functions()
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("name", list(FUNCTIONS))
+# Every function on every case; the constant channel (covered for each family by the layers'
+# tests) for two functions in the default run, all in the slow one.
+@pytest.mark.parametrize("name,case", some_slow(
+    [(n, c) for n in FUNCTIONS for c in sorted(CASES)],
+    fast={(n, c) for n in FUNCTIONS for c in ("normal", "large_mean")} | {("batch_norm", "constant_channel"),
+                                                                        ("group_norm", "constant_channel")},
+    ids=lambda v: f"{v[0]}-{v[1]}"))
 def test_every_function_matches_its_numpy_reference(name, case):
     fn, reference, shape = FUNCTIONS[name]
     x = data(case, shape)
@@ -90,7 +95,8 @@ def test_every_function_matches_its_numpy_reference(name, case):
 
 
 # The second statistics path (every platform but XLA:CPU) for the same functions: the slow run.
-@pytest.mark.parametrize("name", some_slow(list(FUNCTIONS), fast={"batch_norm", "group_norm"}))
+@pytest.mark.parametrize("name", some_slow([n for n in FUNCTIONS if "inference" not in n],  # no statistics taken
+                                           fast={"batch_norm", "group_norm"}))
 def test_every_function_on_the_shifted_path(name):
     fn, reference, shape = FUNCTIONS[name]
     x = data("large_mean", shape)
@@ -227,7 +233,8 @@ def test_vmap_with_axis_name_is_the_batched_function():
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
-def test_shard_map_on_8_devices_equals_the_global_batch():
+@pytest.mark.parametrize("with_ibn", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_shard_map_on_8_devices_equals_the_global_batch(with_ibn):
     mesh = jax.make_mesh((8,), ("batch",), axis_types=(jax.sharding.AxisType.Explicit,))
     x, w = data("normal", (32, 3, 6)), data("normal", (32, 3, 6), seed=1)
     mask = np.random.default_rng(2).random((32, 1, 1)) < 0.7
@@ -236,6 +243,8 @@ def test_shard_map_on_8_devices_equals_the_global_batch():
     def step(x, w, mask, axis_name):
         def loss(x, s, b):
             y, stats = F.batch_norm(x, mean, var, s, b, training=True, mask=mask, axis_name=axis_name)
+            if not with_ibn:
+                return jnp.sum(y * w), stats
             z, _ = F.ibn(x, mean[:3], var[:3], s[:3], b[:3], s[3:], b[3:], training=True, axis_name=axis_name)
             return jnp.sum(y * w) + jnp.sum(z * w), stats
         (_, stats), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(x, s, b)

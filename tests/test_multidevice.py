@@ -326,13 +326,17 @@ def _all_reduces_of_a_synced_sgd_step(norm_cls, **kw):
     return counts
 
 
-def test_a_synced_resnet_step_makes_no_more_all_reduces_than_flax():
+@pytest.mark.parametrize("with_stable", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_a_synced_resnet_step_makes_no_more_all_reduces_than_flax(with_stable):
     """Forward: one all-reduce per normalizer, as flax's default (fast, unstable) variance; flax's
-    stable variance takes two. Whole step (forward and backward): no more than flax's default."""
+    stable variance takes two (compiled in the slow run). Whole step (forward and backward): no
+    more than flax's default."""
     n_norms = 1 + 2 + 3
     ours_fwd, ours = _all_reduces_of_a_synced_sgd_step(normzoo.BatchNorm)
     flax_default_fwd, flax_default = _all_reduces_of_a_synced_sgd_step(nn.BatchNorm)
-    flax_stable_fwd, flax_stable = _all_reduces_of_a_synced_sgd_step(nn.BatchNorm, use_fast_variance=False)
     assert ours_fwd == flax_default_fwd and n_norms <= ours_fwd <= n_norms + 1  # the loss's may merge
-    assert flax_stable_fwd == flax_default_fwd + n_norms  # flax's stable mode: a second one per layer
-    assert ours <= flax_default < flax_stable, (ours, flax_default, flax_stable)
+    assert ours <= flax_default, (ours, flax_default)
+    if with_stable:
+        flax_stable_fwd, flax_stable = _all_reduces_of_a_synced_sgd_step(nn.BatchNorm, use_fast_variance=False)
+        assert flax_stable_fwd == flax_default_fwd + n_norms  # flax's stable mode: a second one per layer
+        assert flax_default < flax_stable, (flax_default, flax_stable)
