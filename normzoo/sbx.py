@@ -19,7 +19,10 @@ paper's placement of epsilon; this class keeps sbx's, so that curves match to fl
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import numbers
+import pkgutil
+import sys
 from typing import Any
 
 import flax.linen as nn
@@ -35,7 +38,7 @@ from normzoo._stats import AffineMap
 Array = jax.Array
 Initializer = Any
 
-__all__ = ["BatchRenorm"]
+__all__ = ["BatchRenorm", "SbxSwitch", "use_in_sbx"]
 
 
 class BatchRenorm(_Mapped):
@@ -79,14 +82,15 @@ class BatchRenorm(_Mapped):
       momentum: ``running = momentum * running + (1 - momentum) * batch``.
       epsilon: added to the variances (sbx's default 1e-3).
       warmup_steps: training steps of plain BatchNorm before renormalization starts
-        (sbx's default 100,000; ``warm_up_steps`` in sbx's first release and CrossQ's code,
+        (sbx's default 100,000; ``warm_up_steps`` in CrossQ's original code,
         also accepted as a keyword).
       dtype, param_dtype, use_bias, use_scale, bias_init, scale_init: as flax.linen.BatchNorm.
       axis_name, axis_index_groups: synchronize the statistics across devices (one
         collective per call, every device weighted by its number of valid elements).
-      use_fast_variance: accepted for sbx's older releases; the variance is always computed
+      use_fast_variance: (normzoo; CrossQ's original code has it, no released sbx does) accepted
+        and ignored; the variance is always computed
         stably (a shifted second moment), which equals the fast one where that one is accurate.
-      warm_up_steps: (keyword-only) the older name of ``warmup_steps``; give one of them
+      warm_up_steps: (keyword-only) CrossQ's original name of ``warmup_steps``; give one of them
         (given together with a ``warmup_steps`` other than the default, it is an error).
       virtual_batch_size: (keyword-only) ghost batches, as :class:`normzoo.BatchNorm`.
     """
@@ -140,7 +144,7 @@ class BatchRenorm(_Mapped):
             raise ValueError(
                 f"BatchRenorm: warmup_steps={self.warmup_steps!r} and warm_up_steps="
                 f"{self.warm_up_steps!r} were both given; they are the same field (its name "
-                "before and after sbx renamed it): give one."
+                "in CrossQ's code and in sbx): give one."
             )
         warmup = self.warmup_steps if self.warm_up_steps is None else self.warm_up_steps
         # sbx compares the step count with whatever number it is given (1e5 from a config too).
@@ -153,3 +157,80 @@ def _sqrt(v: Array) -> Array:
     """``sqrt(v)`` whose derivative at ``v = 0`` is 0 instead of infinite."""
     positive = v > 0
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, v, 1.0)), 0.0)
+
+
+# ----------------------------------------------------------------------------- sbx's own CrossQ
+
+
+class SbxSwitch:
+    """The modules :func:`use_in_sbx` patched; :meth:`undo` (or leaving the ``with`` block) puts
+    sbx's layer back. ``modules`` lists the patched module names."""
+
+    def __init__(self, patched: dict[str, Any]):
+        self._patched = patched  # module name -> the object it bound before
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted(self._patched)
+
+    def undo(self) -> None:
+        """Puts sbx's own ``BatchRenorm`` back in every module patched (idempotent)."""
+        for name, original in self._patched.items():
+            module = sys.modules.get(name)
+            if module is not None and getattr(module, "BatchRenorm", None) is BatchRenorm:
+                module.BatchRenorm = original
+        self._patched = {}
+
+    def __enter__(self) -> SbxSwitch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.undo()
+
+
+def use_in_sbx() -> SbxSwitch:
+    """Makes sbx's own networks (CrossQ's critics and actors, any sbx policy that uses
+    ``BatchRenorm``) build normzoo's :class:`BatchRenorm` instead of sbx's, in one call.
+
+    sbx's policies bind the name at import (``from sbx.common.jax_layers import BatchRenorm``), so
+    patching ``sbx.common.jax_layers`` alone changes nothing: this imports every ``sbx`` module and
+    replaces the name wherever it is bound to sbx's class. The networks look the class up each time
+    they are traced, so keep the switch on while the model trains and predicts; ``undo()`` (or the
+    end of a ``with`` block) restores sbx's layer. Checkpoints are unaffected: the layer has sbx's
+    name, fields and variables.
+
+    Example (needs ``pip install 'normzoo[rl]'``)::
+
+        import normzoo.sbx
+        from sbx import CrossQ
+
+        switch = normzoo.sbx.use_in_sbx()      # or: with normzoo.sbx.use_in_sbx(): ...
+        model = CrossQ("MlpPolicy", "Pendulum-v1")
+        model.learn(5_000)
+        switch.undo()
+
+    Raises:
+      ModuleNotFoundError: sbx is not installed (the message says how to install it).
+    """
+    try:
+        import sbx
+        from sbx.common import jax_layers
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(
+            "normzoo.sbx.use_in_sbx: sbx is not installed, so there is nothing to switch; install it "
+            "with `pip install 'normzoo[rl]'` (sbx-rl and gymnasium; install a CPU build of torch first "
+            "where you have no GPU). To use normzoo's layer in your own code, import "
+            "`normzoo.sbx.BatchRenorm` instead."
+        ) from e
+    original = jax_layers.BatchRenorm
+    for info in pkgutil.walk_packages(sbx.__path__, "sbx."):
+        try:
+            importlib.import_module(info.name)
+        except Exception:  # an optional part of sbx whose dependencies are absent: it binds nothing
+            continue
+    patched = {}
+    for name, module in list(sys.modules.items()):
+        if (name == "sbx" or name.startswith("sbx.")) and getattr(module, "BatchRenorm", None) is original:
+            patched[name] = original
+            module.BatchRenorm = BatchRenorm
+    return SbxSwitch(patched)

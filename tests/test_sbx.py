@@ -14,7 +14,8 @@ import normzoo
 from benchmarks.sbx_style import SbxStyle
 from normzoo.sbx import BatchRenorm
 
-# sbx's fields, in sbx's order, with sbx's defaults (use_fast_variance: its first release).
+# sbx's fields, in sbx's order, with sbx's defaults, then use_fast_variance (CrossQ's original code has it;
+# no released sbx-rl does: tests/test_sbx_real.py checks the fields against the installed package).
 SBX_FIELDS = [("use_running_average", None), ("axis", -1), ("momentum", 0.99), ("epsilon", 1e-3),
               ("warmup_steps", 100_000), ("dtype", None), ("param_dtype", jnp.float32), ("use_bias", True),
               ("use_scale", True), ("bias_init", nn.initializers.zeros), ("scale_init", nn.initializers.ones),
