@@ -137,3 +137,57 @@ def test_crossq_on_pendulum_trains_with_the_switch():
              if path[-1].key == "steps"]
     assert steps and all((s >= 200).all() for s in steps)  # training steps counted by our layer, per critic
     assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(model.policy.qf_state.params))
+
+
+@pytest.mark.slow  # three short CrossQ runs on Pendulum (the example's code path, small)
+def test_the_pendulum_example_measures_drift_returns_and_time(tmp_path):
+    pytest.importorskip("gymnasium", reason="gymnasium is not installed (pip install 'normzoo[rl]')")
+    from examples.crossq import sbx_pendulum
+
+    results = sbx_pendulum.main(["--steps", "300", "--chunk", "100", "--learning-starts", "100",
+                                 "--warmup", "50", "--net-arch", "16", "16", "--timing-steps", "50",
+                                 "--timing-rounds", "1", "--out", str(tmp_path)])
+    updates = results["updates"]
+    assert updates[:3] == [0, 0, 10] and updates[-1] == 200  # snapshots every 10 updates after learning starts
+    ours, control = np.array(results["drift_normzoo_vs_sbx"]), np.array(results["drift_sbx_stable_vs_sbx"])
+    assert len(ours) == len(control) == len(updates)
+    # The same seed gives the same critic until learning starts; then the runs part by float32 rounding,
+    # and as fast with normzoo's layer as with sbx's own layer given only a stable variance.
+    np.testing.assert_array_equal(ours[:2], 0.0)
+    np.testing.assert_array_equal(control[:2], 0.0)
+    assert (ours[2:] > 0).all() and ours[2] < 1e-6
+    np.testing.assert_array_less(ours[2:] / control[2:], 10.0)
+    np.testing.assert_array_less(control[2:] / ours[2:], 10.0)
+    assert set(results["returns"]) == {"sbx", "normzoo", "sbx_stable"}
+    assert all([s for s, _ in r] == [60, 120, 180, 240, 300] for r in results["returns"].values())
+    assert all(np.isfinite([v for _, v in r]).all() for r in results["returns"].values())
+    assert all(t > 0 for t in results["train_seconds"].values())
+    assert results["interleaved_seconds"].keys() == results["returns"].keys()
+    assert (tmp_path / "sbx_pendulum.md").read_text().splitlines()[2].startswith("| sbx | ")
+
+
+def test_large_means_cost_sbx_its_variance_and_normzoo_nothing():
+    from examples.crossq import sbx_large_mean
+
+    rows = {r["offset"]: r for r in sbx_large_mean.measure(offsets=(0.0, 100.0, 1e4))}
+    for r in rows.values():  # normzoo's variance keeps float32 precision whatever the mean
+        assert r["normzoo_variance"] < 1e-6 and r["normzoo_output"] < 1e-3
+    # Centred data: both formulas agree to rounding; sbx's fast formula loses digits as the mean grows.
+    assert rows[0.0]["sbx_variance"] < 1e-6 and rows[0.0]["sbx_output"] < 1e-6
+    assert rows[100.0]["sbx_variance"] > 1e-4
+    assert rows[1e4]["sbx_variance"] > 1.0  # off by more than 100%: the stored variance is wrong
+    assert "| 10000 + N(0, 1) |" in sbx_large_mean.table(list(rows.values()))
+
+
+@pytest.mark.slow  # the README's sbx snippet trains CrossQ for a few hundred steps
+def test_the_readme_sbx_snippets_run():
+    pytest.importorskip("gymnasium", reason="gymnasium is not installed (pip install 'normzoo[rl]')")
+    from tests.test_readme import needs_sbx, python_blocks
+
+    blocks = [b for b in python_blocks() if needs_sbx(b)]
+    assert blocks, "the README shows how to switch sbx's CrossQ"
+    namespace = {}
+    for code in blocks:
+        exec(compile(code, "README.md sbx block", "exec"), namespace)
+    assert namespace["model"].num_timesteps >= 300
+    assert normzoo.sbx.BatchRenorm is not sbx_layers.BatchRenorm and sbx_layers.BatchRenorm is SbxBatchRenorm
