@@ -15,8 +15,11 @@ r"""From training to deployment, for any Flax (linen) model.
 * :func:`precise_batch_stats` (precise BN) and :func:`adabn`: recompute the running statistics
   with the trained parameters as the exact average of per-batch statistics over N batches,
   on the training data or (AdaBN) on unlabeled data of a new domain.
-* :func:`from_torch` / :func:`to_torch`: PyTorch state dicts in and out (plain NumPy arrays;
-  torch is not needed).
+* :func:`port_torch`: a PyTorch ``state_dict`` into a Flax model in one call, the mapping
+  derived from the two models (kinds, order, shapes) and checked against PyTorch's outputs (and,
+  with :func:`torch_activations`, its per-module outputs, naming the first module off);
+  :func:`from_torch` / :func:`to_torch`: state dicts in and out with an explicit mapping (plain
+  NumPy arrays; torch is not needed).
 """
 
 from __future__ import annotations
@@ -40,9 +43,10 @@ from normzoo._batch import _Mapped
 from normzoo._composite import IBN
 from normzoo._sample import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from normzoo._stats import AffineMap
+from normzoo._torch import Port, from_torch, port_torch, to_torch, torch_activations
 
-__all__ = ["Folded", "adabn", "batch_statistics", "fold", "fold_pair", "from_torch", "precise_batch_stats",
-           "to_torch"]
+__all__ = ["Folded", "Port", "adabn", "batch_statistics", "fold", "fold_pair", "from_torch", "port_torch",
+           "precise_batch_stats", "to_torch", "torch_activations"]
 
 Array = jax.Array
 
@@ -630,160 +634,3 @@ def adabn(model: nn.Module, variables: Mapping, target_batches: Iterable, **kwar
     data of the target domain, parameters unchanged; :func:`precise_batch_stats` on
     ``target_batches`` (same keyword arguments)."""
     return precise_batch_stats(model, variables, target_batches, **kwargs)
-
-
-# ----------------------------------------------------------------------------- PyTorch checkpoints
-
-# PyTorch parameter name -> (flax collection, flax name), per kind of flax layer.
-_TORCH_NORM = {"weight": ("params", "scale"), "bias": ("params", "bias"),
-               "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
-_TORCH_LINEAR = {"weight": ("params", "kernel"), "bias": ("params", "bias")}
-
-
-def _torch_kernel_to_flax(w: np.ndarray) -> np.ndarray:
-    # Linear (out, in) -> (in, out); ConvNd (out, in/groups, *k) -> (*k, in/groups, out).
-    return np.transpose(w) if w.ndim == 2 else np.transpose(w, tuple(range(2, w.ndim)) + (1, 0))
-
-
-def _flax_kernel_to_torch(k: np.ndarray) -> np.ndarray:
-    return np.transpose(k) if k.ndim == 2 else np.transpose(k, (k.ndim - 1, k.ndim - 2) + tuple(range(k.ndim - 2)))
-
-
-def _variance_ratio(batch_elements, tracked, momentum):
-    """``(m_T, c)``: PyTorch's running variance averages unbiased batch variances. With every
-    batch of ``batch_elements`` values per channel, starting from 1 and ``tracked`` updates of
-    PyTorch momentum ``momentum``: ``flax = m_T + c (torch - m_T)``, ``m_T = (1 - momentum)^T``,
-    ``c = (n - 1) / n``."""
-    n = int(batch_elements)
-    if n < 2:
-        raise ValueError(f"batch_elements={batch_elements!r} must be >= 2 (values per channel per batch).")
-    return (1.0 - momentum) ** int(tracked), (n - 1) / n
-
-
-def from_torch(state_dict: Mapping[str, Any], template: Mapping, names: Mapping[str, str], *,
-               batch_elements: int | None = None, momentum: float = 0.1) -> dict:
-    """Converts a PyTorch ``state_dict`` into Flax variables shaped like ``template``.
-
-    ``names`` maps each PyTorch module prefix to the Flax module path (``'/'``-joined) it
-    becomes, e.g. ``{'conv1': 'Conv_0', 'bn1': 'BatchNorm_0', 'fc': 'Dense_0'}``. Per module:
-
-    * ``nn.Linear`` / ``nn.ConvNd`` ``weight`` -> ``kernel`` (``(out, in)`` -> ``(in, out)``,
-      ``OIHW`` -> ``HWIO``), ``bias`` -> ``bias``; not ``nn.ConvTransposeNd``, whose weight is
-      ``(in, out, *k)`` and whose kernel is flipped relative to flax's ``ConvTranspose``: a state
-      dict cannot say which it holds, so leave those modules out of ``names`` and convert them
-      yourself;
-    * ``nn.BatchNormNd`` / ``nn.LayerNorm`` / ``nn.GroupNorm`` ``weight`` -> ``scale``, ``bias``
-      -> ``bias``, ``running_mean`` / ``running_var`` -> ``batch_stats`` ``mean`` / ``var``;
-      ``num_batches_tracked`` -> ``steps`` where the layer has one (BatchRenorm), else it is
-      only read for the variance conversion.
-
-    PyTorch's running variance averages *unbiased* batch variances; flax's and normzoo's
-    average biased ones. With ``batch_elements`` (values per channel in one training batch,
-    e.g. ``N * H * W``) the stored variance is converted exactly (``num_batches_tracked``
-    updates of PyTorch's ``momentum``, 0.1 by default: flax's 0.9); without it, it is kept (both
-    estimate the same population variance; they differ by a factor ``n / (n - 1)``, and
-    inference gives PyTorch's outputs). Convert to continue training as PyTorch would have; use
-    ``momentum=0.9`` in normzoo's layers to train on as PyTorch did.
-
-    Build the Flax layers with PyTorch's settings: ``epsilon=1e-5`` for LayerNorm and
-    GroupNorm (flax's default is 1e-6; BatchNorm's 1e-5 is the same), ``momentum=0.9``.
-
-    Every PyTorch entry must land and every ``template`` leaf must be filled, with the
-    template's shape: anything else is a ValueError naming the key. The values are NumPy
-    arrays (``tensor.numpy()``); torch is not needed.
-
-    Returns:
-      Variables with ``template``'s structure and dtypes.
-    """
-    target = traverse_util.flatten_dict(nn.unbox(dict(template)))
-    out = {}
-    by_module: dict[str, dict[str, Any]] = {}
-    for key, value in state_dict.items():
-        prefix, _, leaf = key.rpartition(".")
-        if prefix not in names:
-            raise ValueError(f"from_torch: '{key}' has module prefix '{prefix}', which is not in `names`; "
-                             "map it to a Flax module path (names[prefix] = 'Module_0/...').")
-        # A copy: tensor.numpy() shares the module's buffers, which training updates in place.
-        by_module.setdefault(prefix, {})[leaf] = np.array(value, copy=True)
-    for prefix, entries in by_module.items():
-        path = tuple(p for p in names[prefix].split("/") if p)
-        is_linear = ("params",) + path + ("kernel",) in target
-        table = _TORCH_LINEAR if is_linear else _TORCH_NORM
-        tracked = entries.pop("num_batches_tracked", None)
-        for leaf, value in entries.items():
-            if leaf not in table:
-                raise ValueError(f"from_torch: '{prefix}.{leaf}' has no Flax counterpart "
-                                 f"(known: {sorted(table) + ['num_batches_tracked']}).")
-            collection, name = table[leaf]
-            key = (collection,) + path + (name,)
-            if key not in target:
-                raise ValueError(f"from_torch: '{prefix}.{leaf}' -> '{'/'.join(key)}', which the template lacks "
-                                 f"(its variables at '{names[prefix]}': "
-                                 f"{sorted('/'.join(k) for k in target if k[1:-1] == path)}).")
-            if name == "kernel":
-                value = _torch_kernel_to_flax(value)
-            if name == "var" and batch_elements is not None:
-                if tracked is None:
-                    raise ValueError(f"from_torch: converting '{prefix}.running_var' needs "
-                                     f"'{prefix}.num_batches_tracked', which the state dict lacks.")
-                m_t, c = _variance_ratio(batch_elements, tracked, momentum)
-                value = m_t + c * (value - m_t)
-            want = target[key]
-            if value.shape != np.shape(want):
-                raise ValueError(f"from_torch: '{prefix}.{leaf}' gives shape {value.shape} for "
-                                 f"'{'/'.join(key)}', the template has {np.shape(want)} (a LayerNorm over "
-                                 "several axes is (C, H, W) in PyTorch and (H, W, C) in Flax: transpose it yourself).")
-            out[key] = jnp.asarray(value, jnp.asarray(want).dtype)
-        steps = ("batch_stats",) + path + ("steps",)
-        if tracked is not None and steps in target:
-            out[steps] = jnp.asarray(tracked, jnp.asarray(target[steps]).dtype)
-    missing = [k for k in target if k not in out]
-    if missing:
-        raise ValueError("from_torch: no PyTorch entry for the template's "
-                         + ", ".join(f"'{'/'.join(k)}'" for k in missing)
-                         + "; add its module to `names` (or check the state dict).")
-    return traverse_util.unflatten_dict(out)
-
-
-def to_torch(variables: Mapping, names: Mapping[str, str], *, num_batches_tracked: int | None = None,
-             batch_elements: int | None = None, momentum: float = 0.1) -> dict[str, np.ndarray]:
-    """The inverse of :func:`from_torch`: a PyTorch ``state_dict`` of NumPy arrays
-    (``{k: torch.from_numpy(v) for k, v in ...}`` loads with ``strict=True``).
-
-    Normalizers with running statistics get ``num_batches_tracked`` (a layer's ``steps``
-    where it has one, else the argument, else 0); with ``batch_elements`` the variance is
-    converted to PyTorch's unbiased average (the inverse of :func:`from_torch`'s conversion,
-    which needs the number of updates). That conversion assumes an EMA from 1 over batches of
-    ``batch_elements`` values per channel, the same for every layer: not for statistics from
-    :func:`precise_batch_stats`, and only approximately where layers see different resolutions. Every
-    variable under a mapped path must have a PyTorch name and every mapped path must exist:
-    otherwise a ValueError naming it.
-    """
-    flat = traverse_util.flatten_dict(nn.unbox(dict(variables)))
-    out = {}
-    reverse = {**{v: k for k, v in _TORCH_NORM.items()}, **{v: k for k, v in _TORCH_LINEAR.items()}}
-    for prefix, module in names.items():
-        path = tuple(p for p in module.split("/") if p)
-        entries = {k: v for k, v in flat.items() if k[1:-1] == path}
-        if not entries:
-            raise ValueError(f"to_torch: names['{prefix}'] = '{module}', a path with no variables.")
-        steps = entries.pop(("batch_stats",) + path + ("steps",), None)
-        has_var = ("batch_stats",) + path + ("var",) in entries
-        if has_var and steps is None and num_batches_tracked is None and batch_elements is not None:
-            raise ValueError(f"to_torch: converting the variance of '{module}' needs its number of "
-                             "updates: pass num_batches_tracked (it has no steps counter).")
-        tracked = int(np.asarray(steps) if steps is not None else num_batches_tracked or 0)
-        for key, value in entries.items():
-            name = (key[0], key[-1])
-            if name not in reverse:
-                raise ValueError(f"to_torch: '{'/'.join(key)}' has no PyTorch counterpart.")
-            value = np.array(value, copy=True)
-            if name == ("params", "kernel"):
-                value = _flax_kernel_to_torch(value)
-            if name == ("batch_stats", "var") and batch_elements is not None:
-                m_t, c = _variance_ratio(batch_elements, tracked, momentum)
-                value = (m_t + (value - m_t) / c).astype(value.dtype)
-            out[f"{prefix}.{reverse[name]}"] = value
-        if ("batch_stats",) + path + ("mean",) in flat:
-            out[f"{prefix}.num_batches_tracked"] = np.asarray(tracked, np.int64)
-    return out
