@@ -333,7 +333,7 @@ def _trace(model: nn.Module, template: Mapping, args, method, kwargs) -> list[_F
     def intercept(next_fun, call_args, call_kwargs, context):
         m = context.module
         path = m.path
-        if context.method_name == "__call__" and path not in layers and path in own_by_path:
+        if path not in layers and path in own_by_path:  # its first call, by any method
             own = own_by_path[path]
             x = call_args[0] if call_args else None
             layers[path] = _FlaxLayer("/".join(path), m, _flax_kind(own), own,
@@ -499,7 +499,7 @@ def _flax_activations(model, variables, args, method, kwargs, paths):
     def intercept(next_fun, call_args, call_kwargs, context):
         y = next_fun(*call_args, **call_kwargs)
         path = "/".join(context.module.path)
-        if context.method_name == "__call__" and path in paths and path not in acts:
+        if context.method_name == "__call__" and path in paths and path not in acts and isinstance(y, jax.Array):
             acts[path] = np.asarray(y)
         return y
 
@@ -543,6 +543,31 @@ def port_torch(model: nn.Module, state_dict: Mapping[str, Any], *args, template:
     its input on the sample (so pass a sample shaped like a training batch, or give
     ``training_batch_size`` and the sample's ``N`` is replaced by it); an int or a mapping
     (PyTorch prefix -> int) gives them yourself. Convert to continue training as PyTorch would.
+
+    Example (a state dict of NumPy arrays: ``{k: v.numpy() for k, v in net.state_dict().items()}``
+    for ``net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))``; here
+    written out, with PyTorch's eval-mode output computed by hand)::
+
+      >>> import flax.linen as nn, numpy as np
+      >>> import normzoo
+      >>> from normzoo import deploy
+      >>> class Net(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x, train: bool = False):
+      ...         x = nn.Dense(4)(x)
+      ...         return normzoo.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(x)
+      >>> rng = np.random.default_rng(0)
+      >>> W, b = rng.normal(size=(4, 3)), rng.normal(size=4)
+      >>> state = {"0.weight": W, "0.bias": b, "1.weight": np.full(4, 2.0), "1.bias": np.zeros(4),
+      ...          "1.running_mean": np.ones(4), "1.running_var": np.full(4, 4.0),
+      ...          "1.num_batches_tracked": np.array(100)}
+      >>> x = rng.normal(size=(5, 3)).astype(np.float32)
+      >>> torch_out = (x @ W.T + b - 1.0) / np.sqrt(4.0 + 1e-5) * 2.0
+      >>> port = deploy.port_torch(Net(), state, x, outputs=torch_out)
+      >>> port.names
+      {'0': 'Dense_0', '1': 'BatchNorm_0'}
+      >>> bool(port.output_error < 1e-6)
+      True
 
     Returns:
       A :class:`Port` (``.variables``, ``.names``, ``print(port)``, ``.to_torch()``).

@@ -468,3 +468,34 @@ def test_torchvision_zoo_ports_both_ways(name):
                             strict=True)
     for k, v in rebuilt.state_dict().items():
         np.testing.assert_array_equal(v.numpy(), state[k], err_msg=k)
+
+
+def test_the_readme_porting_guide_runs():
+    _tv()  # torchvision's models importable (see examples/porting/torch_models.py)
+    from tests.test_readme import optional_package, python_blocks
+
+    blocks = [b for b in python_blocks() if optional_package(b) == "torch"]
+    assert blocks, "the README has a porting guide"
+    namespace = {}
+    for code in blocks:
+        exec(compile(code, "README.md torch block", "exec"), namespace)
+    port = namespace["port"]
+    assert port.names["layer2.0.downsample.1"] == "BasicBlock_2/BatchNorm_2" and port.output_error < 1e-5
+    assert "layer4.1.bn2" in str(port)
+
+
+@pytest.mark.slow  # the zoo example, small: ResNet-18 at 32 x 32 with the two traps
+def test_the_zoo_example_reports_errors_folds_exports_and_traps(tmp_path):
+    _tv()
+    from examples.porting import main
+
+    results = main.main(["--models", "resnet18", "--size", "32", "--batch", "4", "--out", str(tmp_path)])
+    (row,) = results["models"]
+    # Training mode: the last stage normalizes over 4 values per channel, which amplifies rounding.
+    assert row["modules"] == 41 and row["eval_error"] < 1e-5 and row["train_error"] < 2e-3
+    assert row["folded"] == row["batch_norms"] == 20 and row["export_bit_identical"]
+    assert results["traps"]["swapped_batch_norms"]["named"] == \
+        "PyTorch 'layer2.0.downsample.1' -> Flax 'BasicBlock_2/BatchNorm_1'"
+    assert results["traps"]["same_padding"]["named"] == "PyTorch 'conv1' -> Flax 'Conv_0'"
+    assert all(t["output_error"] > 1e-2 for t in results["traps"].values())
+    assert "| resnet18 | 41 |" in (tmp_path / "zoo.md").read_text()

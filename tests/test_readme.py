@@ -10,13 +10,15 @@ def python_blocks():
     return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
-def needs_sbx(code):
-    """The sbx snippets need the `rl` extra: tests/test_sbx_real.py runs them where it is installed."""
-    return "from sbx" in code or "import sbx" in code
+def optional_package(code):
+    """The optional package a snippet imports (`sbx`: the `rl` extra, run by tests/test_sbx_real.py;
+    `torch`: the `torch` extra, run by tests/test_port.py, where they are installed), or None."""
+    found = re.search(r"^\s*(?:from|import)\s+(sbx|torch)\b", code, flags=re.M)
+    return found and found.group(1)
 
 
 def test_readme_snippets_run():
-    blocks = [b for b in python_blocks() if not needs_sbx(b)]
+    blocks = [b for b in python_blocks() if not optional_package(b)]
     assert len(blocks) >= 4
     namespace = {}
     for i, code in enumerate(blocks):
