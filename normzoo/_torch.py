@@ -20,12 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from normzoo._sample import InstanceNorm
+
 __all__ = ["Port", "from_torch", "port_torch", "to_torch", "torch_activations"]
 
 # PyTorch leaf -> (flax collection, flax name), per kind of module.
 _TORCH_NORM = {"weight": ("params", "scale"), "bias": ("params", "bias"),
                "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
 _TORCH_LINEAR = {"weight": ("params", "kernel"), "bias": ("params", "bias")}
+_TORCH_EMBEDDING = {"weight": ("params", "embedding")}  # nn.Embedding -> nn.Embed, same layout
 _TORCH_WEIGHT_NORM = {"weight_g": ("params", "g"), "weight_v": ("params", "v"), "bias": ("params", "bias")}
 # torch.nn.utils.parametrizations.weight_norm stores g and v as `<module>.parametrizations.weight.original0/1`.
 _PARAMETRIZED = ".parametrizations.weight"
@@ -80,16 +83,24 @@ def _shape(a) -> tuple[int, ...]:
     return tuple(a.shape) if hasattr(a, "shape") else np.shape(a)
 
 
-def _group_state_dict(state_dict: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+def _group_state_dict(state_dict: Mapping[str, Any], keys: dict | None = None) -> dict[str, dict[str, Any]]:
     """``{module prefix: {leaf: value}}`` in the state dict's order; weight-norm parametrizations
-    (``m.parametrizations.weight.original0/1``) are filed under ``m`` as ``weight_g`` / ``weight_v``."""
+    (``m.parametrizations.weight.original0/1``) are filed under ``m`` as ``weight_g`` / ``weight_v``.
+    ``keys`` (if given) receives ``(prefix, leaf) -> the state dict's key``."""
     by_module: dict[str, dict[str, Any]] = {}
     for key, value in state_dict.items():
         prefix, _, leaf = key.rpartition(".")
-        if prefix.endswith(_PARAMETRIZED) and leaf in _ORIGINAL:
+        if leaf in _ORIGINAL and (prefix.endswith(_PARAMETRIZED) or prefix == _PARAMETRIZED[1:]):
             prefix, leaf = prefix[: -len(_PARAMETRIZED)], _ORIGINAL[leaf]
         by_module.setdefault(prefix, {})[leaf] = value
+        if keys is not None:
+            keys[(prefix, leaf)] = key
     return by_module
+
+
+def _group_key(key: str) -> str:
+    """The module prefix a state dict key is filed under (see :func:`_group_state_dict`)."""
+    return next(iter(_group_state_dict({key: None})))
 
 
 def _table(entries: Collection[str], flax_names: Collection[str]) -> dict[str, tuple[str, str]]:
@@ -97,12 +108,14 @@ def _table(entries: Collection[str], flax_names: Collection[str]) -> dict[str, t
         return _TORCH_WEIGHT_NORM
     if "kernel" in flax_names:
         return _TORCH_LINEAR
+    if "embedding" in flax_names:
+        return _TORCH_EMBEDDING
     return _TORCH_NORM
 
 
 def from_torch(state_dict: Mapping[str, Any], template: Mapping, names: Mapping[str, str | None], *,
                batch_elements: int | Mapping[str, int] | None = None, momentum: float = 0.1,
-               conv_transpose: Mapping[str, bool] | None = None) -> dict:
+               conv_transpose: Mapping[str, bool] | None = None, _keys: dict | None = None) -> dict:
     """Converts a PyTorch ``state_dict`` into Flax variables shaped like ``template``.
 
     ``names`` maps each PyTorch module prefix to the Flax module path (``'/'``-joined) it
@@ -115,7 +128,7 @@ def from_torch(state_dict: Mapping[str, Any], template: Mapping, names: Mapping[
       tell from a convolution: list its prefix in ``conv_transpose`` with the Flax
       ``ConvTranspose``'s ``transpose_kernel`` (``{'up': False}``): False takes the spatially
       flipped kernel, True the forward convolution's. PyTorch's ``padding=p`` is Flax's
-      ``padding=((k - 1 - p, k - 1 - p + output_padding),) * 2``;
+      ``padding=((d (k - 1) - p, d (k - 1) - p + output_padding),) * 2`` (``d`` the dilation);
     * weight norm (``torch.nn.utils.weight_norm``'s ``weight_g`` / ``weight_v``, or
       ``parametrizations.weight.original0`` / ``original1``) -> normzoo's ``WeightNormDense`` /
       ``WeightNormConv`` ``g`` / ``v``;
@@ -149,7 +162,8 @@ def from_torch(state_dict: Mapping[str, Any], template: Mapping, names: Mapping[
     target = traverse_util.flatten_dict(nn.unbox(dict(template)))
     conv_transpose = dict(conv_transpose or {})
     out = {}
-    by_module = _group_state_dict(state_dict)
+    source: dict = {}
+    by_module = _group_state_dict(state_dict, source)
     for prefix, entries in by_module.items():
         if prefix not in names:
             key = f"{prefix}.{next(iter(entries))}"
@@ -164,10 +178,10 @@ def from_torch(state_dict: Mapping[str, Any], template: Mapping, names: Mapping[
         tracked = entries.pop("num_batches_tracked", None)
         table = _table(entries, here)
         for leaf, value in entries.items():
-            if leaf in table:
-                collection, name = table[leaf]
-            elif leaf in here and here[leaf][0] == "params":  # a bare parameter of the same name
+            if leaf in here and here[leaf][0] == "params":  # a parameter of the same name: as it is
                 collection, name = "params", leaf
+            elif leaf in table:
+                collection, name = table[leaf]
             else:
                 raise ValueError(f"from_torch: '{prefix}.{leaf}' has no Flax counterpart "
                                  f"(known: {sorted(table) + ['num_batches_tracked']}, or a parameter of the "
@@ -187,6 +201,12 @@ def from_torch(state_dict: Mapping[str, Any], template: Mapping, names: Mapping[
                 if tracked is None:
                     raise ValueError(f"from_torch: converting '{prefix}.running_var' needs "
                                      f"'{prefix}.num_batches_tracked', which the state dict lacks.")
+                if int(tracked) == 0 and not np.allclose(value, 1.0):
+                    raise ValueError(f"from_torch: '{prefix}.running_var' has moved from its initial 1 but "
+                                     f"'{prefix}.num_batches_tracked' is 0, so the number of updates is unknown "
+                                     "(PyTorch's InstanceNorm never counts them; statistics set by hand neither): "
+                                     "leave its variance unconverted "
+                                     f"(no batch_elements for '{prefix}').")
                 m_t, c = _variance_ratio(_elements_for(batch_elements, prefix), tracked, momentum,
                                          f" (for '{prefix}')")
                 value = m_t + c * (value - m_t)
@@ -195,6 +215,8 @@ def from_torch(state_dict: Mapping[str, Any], template: Mapping, names: Mapping[
                                  f"'{'/'.join(key)}', the template has {_shape(want)} (a LayerNorm over "
                                  "several axes is (C, H, W) in PyTorch and (H, W, C) in Flax: transpose it yourself).")
             out[key] = jnp.asarray(value, want.dtype)
+            if _keys is not None:  # where each variable came from, for Port.to_torch
+                _keys.setdefault(prefix, {})["/".join(key)] = source[(prefix, leaf)]
         steps = ("batch_stats",) + path + ("steps",)
         if tracked is not None and steps in target:
             out[steps] = jnp.asarray(tracked, target[steps].dtype)
@@ -210,7 +232,8 @@ def to_torch(variables: Mapping, names: Mapping[str, str | None], *,
              num_batches_tracked: int | Mapping[str, int] | None = None,
              batch_elements: int | Mapping[str, int] | None = None, momentum: float = 0.1,
              conv_transpose: Mapping[str, bool] | None = None, parametrizations: bool = False,
-             shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
+             shapes: Mapping[str, tuple[int, ...]] | None = None,
+             torch_keys: Mapping[str, Mapping[str, str]] | None = None) -> dict[str, np.ndarray]:
     """The inverse of :func:`from_torch`: a PyTorch ``state_dict`` of NumPy arrays
     (``{k: torch.from_numpy(v) for k, v in ...}`` loads with ``strict=True``).
 
@@ -223,12 +246,15 @@ def to_torch(variables: Mapping, names: Mapping[str, str | None], *,
     with ``parametrizations=True`` ``parametrizations.weight.original0`` / ``original1`` (what
     ``torch.nn.utils.parametrizations.weight_norm`` loads). ``shapes`` (PyTorch key -> shape,
     e.g. ``{k: v.shape for k, v in state_dict.items()}``) reshapes parameters whose PyTorch shape
-    has extra unit axes; :meth:`Port.to_torch` passes all of these. Every variable under a mapped
+    has extra unit axes; ``torch_keys`` (PyTorch prefix -> {Flax variable path
+    ``'params/Gate_0/scale'`` -> PyTorch key}) names variables whose PyTorch name the rules cannot
+    know (a bare parameter called ``scale``); :meth:`Port.to_torch` passes all of these. Every variable under a mapped
     path must have a PyTorch name and every mapped path must exist: otherwise a ValueError naming it.
     """
     flat = traverse_util.flatten_dict(nn.unbox(dict(variables)))
     conv_transpose = dict(conv_transpose or {})
     shapes = dict(shapes or {})
+    torch_keys = dict(torch_keys or {})
     out = {}
     for prefix, module in names.items():
         if module is None:
@@ -266,9 +292,10 @@ def to_torch(variables: Mapping, names: Mapping[str, str | None], *,
                 v = np.asarray(flat[("params",) + path + ("v",)])
                 value = value.reshape((-1,) + (1,) * (v.ndim - 1))
             if parametrizations and leaf in ("weight_g", "weight_v"):
-                torch_key = f"{prefix}{_PARAMETRIZED}.original{0 if leaf == 'weight_g' else 1}"
+                torch_key = f"{prefix}{_PARAMETRIZED}.original{0 if leaf == 'weight_g' else 1}".lstrip(".")
             else:
                 torch_key = f"{prefix}.{leaf}" if prefix else leaf
+            torch_key = torch_keys.get(prefix, {}).get("/".join(key), torch_key)
             if torch_key in shapes and tuple(shapes[torch_key]) != value.shape:
                 value = value.reshape(tuple(shapes[torch_key]))
             module_out[(_TORCH_ORDER.get(leaf, len(_TORCH_ORDER)), torch_key)] = value
@@ -291,14 +318,14 @@ def _torch_kind(entries: Mapping[str, Any]) -> str:
     if {"weight_g", "weight_v"} & leaves:
         return "weight_norm"
     if leaves <= {"weight", "bias"} and leaves:
-        if "weight" not in leaves:
-            return "affine"
+        if "weight" not in leaves or ("bias" in leaves and _shape(entries["weight"]) == _shape(entries["bias"])):
+            return "affine"  # a norm's scale and shift (LayerNorm over several axes: both (C, H, W))
         ndim = len(_shape(entries["weight"]))
         return "linear" if ndim == 2 else "conv" if ndim > 2 else "affine"
     return "params"
 
 
-def _flax_kind(own: Mapping[tuple[str, str], Any]) -> str:
+def _flax_kind(own: Mapping[tuple[str, str], Any], module: nn.Module | None) -> str:
     names = {n for _, n in own}
     collections = {c for c, _ in own}
     if ("batch_stats", "mean") in own and ("batch_stats", "var") in own:
@@ -308,8 +335,10 @@ def _flax_kind(own: Mapping[tuple[str, str], Any]) -> str:
             return "weight_norm"
         if "kernel" in names and names <= {"kernel", "bias"}:
             return "linear" if len(_shape(own[("params", "kernel")])) == 2 else "conv"
-        if names <= {"scale", "bias"}:
-            return "affine"
+        if names == {"embedding"}:
+            return "linear"  # PyTorch's Embedding: a 2-D weight, as a Linear without bias
+        if names <= {"scale", "bias"} and (module is None or type(module).__name__.endswith("Norm")):
+            return "affine"  # a normalizer's (LayerNorm, GroupNorm, RMSNorm, InstanceNorm, ...)
     return "params"
 
 
@@ -322,8 +351,9 @@ class _FlaxLayer:
     input_shape: tuple[int, ...] | None = None
 
 
-def _trace(model: nn.Module, template: Mapping, args, method, kwargs) -> list[_FlaxLayer]:
-    """The Flax modules that own variables, in the order they are first called (parents first)."""
+def _trace(model: nn.Module, template: Mapping, args, method, kwargs, named=()) -> list[_FlaxLayer]:
+    """The Flax modules that own variables, in the order they are first called (parents first);
+    those not called on the sample are an error, unless ``named`` (explicitly mapped), then last."""
     flat = traverse_util.flatten_dict(nn.unbox(dict(template)))
     own_by_path: dict[tuple[str, ...], dict] = {}
     for key, value in flat.items():
@@ -335,9 +365,9 @@ def _trace(model: nn.Module, template: Mapping, args, method, kwargs) -> list[_F
         path = m.path
         if path not in layers and path in own_by_path:  # its first call, by any method
             own = own_by_path[path]
-            x = call_args[0] if call_args else None
-            layers[path] = _FlaxLayer("/".join(path), m, _flax_kind(own), own,
-                                      tuple(x.shape) if hasattr(x, "shape") else None)
+            x = next((a for a in (*call_args, *call_kwargs.values()) if hasattr(a, "shape")), None)
+            layers[path] = _FlaxLayer("/".join(path), m, _flax_kind(own, m), own,
+                                      tuple(x.shape) if x is not None else None)
         return next_fun(*call_args, **call_kwargs)
 
     def run(variables):
@@ -345,7 +375,10 @@ def _trace(model: nn.Module, template: Mapping, args, method, kwargs) -> list[_F
             return model.apply(variables, *args, method=method, **kwargs)
 
     jax.eval_shape(run, template)
-    unseen = sorted("/".join(p) for p in own_by_path if p not in layers and p)
+    for p in own_by_path:
+        if p not in layers and "/".join(p) in named:
+            layers[p] = _FlaxLayer("/".join(p), None, _flax_kind(own_by_path[p], None), own_by_path[p])
+    unseen = sorted("/".join(p) for p in own_by_path if p not in layers)
     if unseen:
         raise ValueError(f"port_torch: the Flax modules {unseen} hold variables but were not called on the sample "
                          "input (pass the arguments and keywords the model takes at inference, e.g. train=False), "
@@ -382,7 +415,8 @@ def _describe_torch(prefix, entries):
 
 
 def _describe_flax(layer: _FlaxLayer):
-    return f"'{layer.path}' ({type(layer.module).__name__}: " + ", ".join(
+    cls = type(layer.module).__name__ if layer.module is not None else "not called on the sample"
+    return f"'{layer.path}' ({cls}: " + ", ".join(
         f"{n} {_shape(v)}" for (_, n), v in layer.own.items()) + ")"
 
 
@@ -439,6 +473,8 @@ def _relative_error(flax_out, torch_out) -> tuple[float, str]:
     for c in (np.moveaxis(t, 1, -1) if t.ndim >= 3 else t, t):
         if not candidates and c.size == y.size and tuple(d for d in c.shape if d != 1) == squeezed:
             candidates.append(c.reshape(y.shape))  # (N, C, 1, 1) after pooling against (N, C)
+    if not candidates and t.size == y.size and t.ndim and y.ndim and t.shape[-1] == y.shape[-1]:
+        candidates.append(t.reshape(y.shape))  # leading axes merged on one side: (N * L, C) against (N, L, C)
     if not candidates:
         return math.inf, f"shape {y.shape} (Flax) vs {t.shape} (PyTorch)"
     scale = max(float(np.max(np.abs(t))), 1e-30) if t.size else 1.0
@@ -467,6 +503,8 @@ class Port:
     momentum: float = 0.1
     shapes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
     num_batches_tracked: dict[str, int] = dataclasses.field(default_factory=dict)
+    torch_keys: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+    left_out: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def __str__(self) -> str:
         rows = [("PyTorch", "Flax", "kind", "batch elements", "relative error")]
@@ -484,13 +522,16 @@ class Port:
     def to_torch(self, variables: Mapping | None = None, *, num_batches_tracked: int | None = None) -> dict:
         """``variables`` (default: the ported ones) as a PyTorch state dict of NumPy arrays, with
         this port's mapping, per-layer variance conversion, ConvTranspose and weight-norm layouts
-        and PyTorch's shapes. ``num_batches_tracked`` defaults to the ported state dict's (pass
-        the new count, or one per prefix, after training on in Flax)."""
-        return to_torch(self.variables if variables is None else variables, self.names,
-                        num_batches_tracked=self.num_batches_tracked if num_batches_tracked is None
-                        else num_batches_tracked, batch_elements=self.batch_elements,
-                        momentum=self.momentum, conv_transpose=self.conv_transpose,
-                        parametrizations=self.parametrizations, shapes=self.shapes)
+        and PyTorch's keys and shapes, in the ported state dict's order; modules left out of the
+        port (``names[prefix] = None``) come back as they were. ``num_batches_tracked`` defaults to
+        the ported state dict's (pass the new count, or one per prefix, after training on in Flax)."""
+        out = to_torch(self.variables if variables is None else variables, self.names,
+                       num_batches_tracked=self.num_batches_tracked if num_batches_tracked is None
+                       else num_batches_tracked, batch_elements=self.batch_elements,
+                       momentum=self.momentum, conv_transpose=self.conv_transpose,
+                       parametrizations=self.parametrizations, shapes=self.shapes, torch_keys=self.torch_keys)
+        out.update((k, np.array(v, copy=True)) for k, v in self.left_out.items())
+        return {**{k: out.pop(k) for k in self.shapes if k in out}, **out}
 
 
 def _flax_activations(model, variables, args, method, kwargs, paths):
@@ -588,7 +629,7 @@ def port_torch(model: nn.Module, state_dict: Mapping[str, Any], *args, template:
     if template is None:
         template = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, method=method, **kwargs))
     by_module = _group_state_dict(state_dict)
-    layers = _trace(model, template, args, method, kwargs)
+    layers = _trace(model, template, args, method, kwargs, {p for p in (names or {}).values() if p is not None})
     mapping = _pair(by_module, layers, dict(names or {}))
     by_path = {layer.path: layer for layer in layers}
     kinds = {p: _torch_kind(e) for p, e in by_module.items()}
@@ -598,10 +639,13 @@ def port_torch(model: nn.Module, state_dict: Mapping[str, Any], *args, template:
     shapes = {k: _shape(v) for k, v in state_dict.items()}
 
     per_layer = _batch_elements(batch_elements, training_batch_size, mapping, by_path, kinds)
-    raw = from_torch(state_dict, template, mapping, conv_transpose=conv_transpose)
+    torch_keys: dict[str, dict[str, str]] = {}
+    raw = from_torch(state_dict, template, mapping, conv_transpose=conv_transpose, _keys=torch_keys)
     tracked = {p: int(np.asarray(e["num_batches_tracked"])) for p, e in by_module.items() if "num_batches_tracked" in e}
     port = Port(raw, mapping, kinds, per_layer, conv_transpose=conv_transpose, parametrizations=parametrizations,
-                momentum=momentum, shapes=shapes, num_batches_tracked=tracked)
+                momentum=momentum, shapes=shapes, num_batches_tracked=tracked, torch_keys=torch_keys,
+                left_out={k: np.array(v, copy=True) for k, v in state_dict.items()
+                          if mapping.get(_group_key(k)) is None})
     if outputs is None and activations is not None and "" in activations:
         outputs = activations[""]
     if outputs is None and not activations:
@@ -629,8 +673,13 @@ def _batch_elements(batch_elements, training_batch_size, mapping, by_path, kinds
         out = {}
         for p in batch:
             layer = by_path[mapping[p]]
+            if isinstance(layer.module, InstanceNorm):  # per-example statistics; PyTorch counts no updates
+                continue
             channels = int(np.prod(_shape(layer.own[("batch_stats", "mean")])))
             shape = layer.input_shape
+            if shape is None:
+                raise ValueError(f"port_torch: batch_elements='sample' needs the input of '{layer.path}' on the "
+                                 f"sample, and it was not called with an array; give '{p}' its count in a mapping.")
             n = math.prod(shape) // channels
             if training_batch_size is not None:
                 n = n // shape[0] * int(training_batch_size)
@@ -661,14 +710,21 @@ def _check(port, model, variables, args, method, kwargs, outputs, activations, t
         for path in order:
             prefix = paths[path]
             if prefix in activations and path in acts:
-                port.layer_errors[prefix], _ = _relative_error(acts[path], activations[prefix])
-    worst_ok = port.output_error is None or port.output_error <= tolerance
-    if worst_ok and all(e <= tolerance for e in port.layer_errors.values()):
+                error, note = _relative_error(acts[path], activations[prefix])
+                if note:  # not comparable: say so rather than call it off
+                    port.notes.append(f"not compared: PyTorch '{prefix}' -> Flax '{path}', {note}")
+                else:
+                    port.layer_errors[prefix] = error
+    outputs_ok = port.output_error is None or port.output_error <= tolerance
+    if outputs_ok and all(e <= tolerance for e in port.layer_errors.values()):
         return
     message = []
-    if port.output_error is not None:
+    if not outputs_ok:
         message.append(f"the Flax model's outputs differ from PyTorch's by {port.output_error:.2g} (relative"
                        f"{'; ' + shape_note if shape_note else ''}), more than tolerance={tolerance:g}.")
+    elif port.output_error is not None:
+        message.append(f"the Flax model's outputs agree with PyTorch's ({port.output_error:.2g}, relative), but "
+                       f"modules inside differ by more than tolerance={tolerance:g}.")
     first = next((path for path in order if port.layer_errors.get(paths[path], 0.0) > tolerance), None)
     if first is not None:
         before = [path for path in order[: order.index(first)] if paths[path] in port.layer_errors]
@@ -708,8 +764,13 @@ def torch_activations(module, *inputs, eval_mode: bool = True) -> dict[str, np.n
                 acts[name] = output.detach().cpu().numpy().copy()  # a copy: in-place ops (ReLU) follow
         return hook
 
+    from torch.nn.utils import parametrize
+
     for name, sub in module.named_modules():
-        if name and (any(True for _ in sub.parameters(recurse=False)) or any(True for _ in sub.buffers(recurse=False))):
+        if not name or ".parametrizations" in f".{name}":  # the model itself is '' below; a parametrization's
+            continue                                         # tensors belong to the module it parametrizes
+        owns = any(True for _ in sub.parameters(recurse=False)) or any(True for _ in sub.buffers(recurse=False))
+        if owns or parametrize.is_parametrized(sub):
             handles.append(sub.register_forward_hook(keep(name)))
     was_training = module.training
     module.train(not eval_mode)

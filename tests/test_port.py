@@ -243,6 +243,51 @@ def test_from_torch_reads_weight_norm_parametrizations_and_bare_parameters(tiny)
     assert back["head.parametrizations.weight.original0"].shape == (5, 1)  # torch keeps g as (out, 1)
 
 
+class Mixed(nn.Module):
+    """Embedding, a custom module with a parameter called `scale`, a LayerNorm over two axes, a
+    BatchNorm called with a keyword input, an InstanceNorm with running statistics, and a module
+    whose output is not comparable with PyTorch's (tokens flattened before the Dense)."""
+
+    @nn.compact
+    def __call__(self, tokens):
+        x = nn.Embed(7, 4)(tokens)                                        # emb: Embedding(7, 4)
+        x = x * self.param("scale", nn.initializers.ones, (4,))           # root parameter 'scale'
+        x = nn.LayerNorm(reduction_axes=(-2, -1), feature_axes=(-2, -1), epsilon=1e-5)(x)   # ln: LayerNorm([3, 4])
+        x = normzoo.BatchNorm(use_running_average=True, axis=-1, **BN)(x=x)                 # bn: BatchNorm1d-like
+        x = normzoo.InstanceNorm(track_running_stats=True, use_running_average=True)(x[:, :, None, :])
+        return nn.Dense(2)(x.reshape(-1, 4))                              # fc
+
+
+def test_embeddings_bare_parameters_keyword_inputs_instance_norm_and_left_out_modules():
+    model = Mixed()
+    tokens = np.array([[0, 3, 6], [1, 2, 5]])
+    variables = _randomized(model.init(jax.random.key(0), tokens))
+    names = {"": "", "emb": "Embed_0", "ln": "LayerNorm_0", "bn": "BatchNorm_0", "inorm": "InstanceNorm_0",
+             "fc": "Dense_0"}
+    state = deploy.to_torch(variables, names, num_batches_tracked=4, torch_keys={"": {"params/scale": "scale"}})
+    state = {"scale": state.pop("scale"), **state, "aux.weight": np.ones((2, 2), np.float32)}  # root first
+    state["inorm.num_batches_tracked"] = np.array(0)  # PyTorch's InstanceNorm never counts its updates
+    ref = model.apply(variables, tokens)
+    port = deploy.port_torch(model, state, tokens, names={"aux": None}, outputs=ref,
+                             batch_elements="sample")
+    assert {k: v for k, v in port.names.items() if v is not None} == names and port.names["aux"] is None
+    assert port.kinds["emb"] == "linear" and port.kinds["ln"] == "affine" and port.kinds[""] == "params"
+    assert port.batch_elements == {"bn": 2 * 3}  # the keyword input's N*L; the InstanceNorm is left as stored
+    np.testing.assert_array_equal(port.variables["batch_stats"]["InstanceNorm_0"]["var"], state["inorm.running_var"])
+    back = port.to_torch()
+    assert list(back) == list(state)  # PyTorch's keys (a parameter called 'scale' stays 'scale'), its order
+    np.testing.assert_array_equal(back["aux.weight"], state["aux.weight"])  # left out, given back
+    np.testing.assert_allclose(back["bn.running_var"], state["bn.running_var"], rtol=1e-5)
+    with pytest.raises(ValueError, match=r"'inorm\.running_var' has moved from its initial 1 but "
+                                         r"'inorm\.num_batches_tracked' is 0, so the number of updates is unknown"):
+        deploy.port_torch(model, state, tokens, names={"aux": None}, outputs=ref, batch_elements=6)
+    # Per-module activations whose shapes cannot be matched are noted, not called wrong.
+    acts = _activations(model, variables, {k: v for k, v in names.items() if k}, tokens)
+    acts["fc"] = acts["fc"].reshape(2, 3, 2)[:, :2]  # a different shape: nothing to compare
+    port = deploy.port_torch(model, state, tokens, names={"aux": None}, activations=acts)
+    assert "fc" not in port.layer_errors and any("not compared: PyTorch 'fc' -> Flax 'Dense_0'" in n for n in port.notes)
+
+
 # ----------------------------------------------------------------------------- side by side with PyTorch
 
 def _torch():
@@ -288,6 +333,7 @@ def test_torch_weight_norm_and_conv_transpose_both_ways():
                 return nn.ConvTranspose(2, (4, 4), (2, 2), padding=((2, 2), (2, 2)), transpose_kernel=transpose_kernel)(x)
 
         acts = deploy.torch_activations(net, _nchw(x))
+        assert set(acts) == {"", "0", "1", "2"}  # the parametrized conv is hooked as itself
         port = deploy.port_torch(Twin(), _state(net), x, activations=acts, tolerance=1e-5)
         assert port.names == {"0": "WeightNormConv_0", "1": "ConvTranspose_0", "2": "ConvTranspose_1"}
         assert port.conv_transpose == {"1": transpose_kernel, "2": transpose_kernel}
