@@ -582,8 +582,9 @@ def port_torch(model: nn.Module, state_dict: Mapping[str, Any], *args, template:
     :func:`from_torch`). ``batch_elements=None`` keeps PyTorch's (inference equals PyTorch's);
     ``'sample'`` converts each BatchNorm exactly with its own values per channel, ``N * H * W`` of
     its input on the sample (so pass a sample shaped like a training batch, or give
-    ``training_batch_size`` and the sample's ``N`` is replaced by it); an int or a mapping
-    (PyTorch prefix -> int) gives them yourself. Convert to continue training as PyTorch would.
+    ``training_batch_size`` and the sample's ``N`` is replaced by it; InstanceNorms keep theirs:
+    PyTorch does not count their updates); an int or a mapping (PyTorch prefix -> int) gives
+    them yourself. Convert to continue training as PyTorch would.
 
     Example (a state dict of NumPy arrays: ``{k: v.numpy() for k, v in net.state_dict().items()}``
     for ``net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))``; here
