@@ -8,7 +8,7 @@ from normzoo._stats import moments, sync_batch_stats
 from normzoo._weight import CosineConv, CosineDense, WeightNormConv, WeightNormDense
 from normzoo import functional, sbx  # noqa: E402  (normzoo.sbx.BatchRenorm: drop-in for sbx / CrossQ)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BatchNorm",

@@ -179,8 +179,8 @@ class WeightNormConv(_ConvFields):
     .. math:: y = x * \Big(g \frac{v}{\lVert v \rVert}\Big) + b
 
     with ``||v||`` the norm of each output channel's filter over (spatial..., in) (of the
-    masked filter, with ``mask``). Parameters ``v`` (*kernel_size, in / feature_group_count,
-    out), ``g`` (out,), ``bias`` (out,). Every field of ``flax.linen.Conv`` is accepted, in its
+    masked filter, with ``mask``). Parameters ``v`` ``(*kernel_size, in / feature_group_count,
+    out)``, ``g`` (out,), ``bias`` (out,). Every field of ``flax.linen.Conv`` is accepted, in its
     order, with flax's meaning. See :class:`WeightNormDense` for ``data_init``.
 
     Example:

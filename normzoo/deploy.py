@@ -603,7 +603,7 @@ def precise_batch_stats(model: nn.Module, variables: Mapping, batches: Iterable,
         ``jax.jit(batch_statistics(model, variables, *batch, method=method, **kwargs))``. Pass
         your own to run it under ``shard_map`` or ``pmap`` (return the statistics replicated:
         e.g. ``out_specs=P()``, or index replica 0 after ``pmap``).
-      method, **kwargs: as ``model.apply``, training mode (e.g. ``train=True``, ``rngs=``).
+      method, kwargs: as ``model.apply``, training mode (e.g. ``train=True``, ``rngs=``).
 
     Returns:
       ``variables`` with the re-estimated ``batch_stats``.

@@ -1264,7 +1264,7 @@ def conv(
     mask: Array | None = None, precision: Any = None, conv_general_dilated: Any = None, dtype: Any = None,
 ) -> Array:
     """``flax.linen.Conv``'s arithmetic as a function: ``x`` (batch..., spatial..., in) convolved
-    with ``kernel`` (*kernel_size, in / feature_group_count, out), plus ``bias``.
+    with ``kernel`` ``(*kernel_size, in / feature_group_count, out)``, plus ``bias``.
 
     Every ``flax.linen.Conv`` option with its meaning: ``padding`` ``'SAME'``, ``'VALID'``,
     ``'SAME_LOWER'``, ``'CIRCULAR'``, ``'REFLECT'``, ``'CAUSAL'``, ints or pairs; dilations;

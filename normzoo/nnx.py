@@ -197,13 +197,15 @@ class BatchNorm(_BatchNorm):
       >>> sorted(nnx.state(bn, nnx.BatchStat))
       ['mean', 'var']
 
+    ``use_running_average``, ``axis``, ``momentum``, ``epsilon``, ``dtype``, ``param_dtype``,
+    ``use_bias``, ``use_scale``, ``bias_init``, ``scale_init``, ``axis_name``,
+    ``axis_index_groups``, ``use_fast_variance``, ``promote_dtype``, ``rngs``,
+    ``bias_metadata`` and ``scale_metadata`` are ``flax.nnx.BatchNorm``'s, with their meaning
+    (``use_fast_variance`` has no effect: the variance is always stable).
+
     Args:
       num_features: the number of channels (the size of ``axis``; a tuple of sizes for a
         tuple of axes).
-      use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias, use_scale,
-        bias_init, scale_init, axis_name, axis_index_groups, use_fast_variance,
-        promote_dtype, rngs, bias_metadata, scale_metadata: as ``flax.nnx.BatchNorm``
-        (``use_fast_variance`` has no effect: the variance is always stable).
       virtual_batch_size: (normzoo) ghost batch size, as :class:`normzoo.BatchNorm`.
     """
 
@@ -1060,7 +1062,7 @@ class WeightNormConv(_WeightNorm):
 
     .. math:: y = x * \Big(g \frac{v}{\lVert v \rVert}\Big) + b
 
-    Parameters ``v`` (*kernel_size, in / feature_group_count, out), ``g`` (out,), ``bias``;
+    Parameters ``v`` ``(*kernel_size, in / feature_group_count, out)``, ``g`` (out,), ``bias``;
     every ``flax.nnx.Conv`` argument with its meaning (padding modes, dilations, groups,
     mask). The arithmetic is :func:`normzoo.functional.weight_norm` and :func:`normzoo.functional.conv`.
 
