@@ -21,9 +21,10 @@ sys.path.insert(0, str(ROOT))
 
 import normzoo  # noqa: E402
 
-# page -> (source file, first heading kept, heading it stops before; None: to the end), in order.
+# page -> (source file, first heading kept, heading it stops before; None: to the end[, a title
+# above it]), in order.
 PAGES = {
-    "getting-started": ("README.md", "## The layers", "### BatchRenorm for RL (CrossQ / sbx)"),
+    "getting-started": ("README.md", "## The layers", "### BatchRenorm for RL (CrossQ / sbx)", "Getting started"),
     "guides/rl": ("README.md", "### BatchRenorm for RL (CrossQ / sbx)", "### Where we differ from flax.linen, and why"),
     "guides/differences": ("README.md", "### Where we differ from flax.linen, and why", "## Multi-device training"),
     "guides/multi-device": ("README.md", "## Multi-device training", "## Deployment (`normzoo.deploy`)"),
@@ -58,26 +59,26 @@ def _headings(lines: list[str]) -> list[int]:
     return found
 
 
-def _slice(source: str, start: str | None, stop: str | None) -> str:
+def _slice(source: str, start: str | None, stop: str | None, title: str | None = None) -> str:
     lines = (ROOT / source).read_text().splitlines()
     i = lines.index(start) if start else 0
     j = lines.index(stop) if stop else len(lines)
     body = lines[i:j]
     heads = _headings(body)
-    top = min((len(body[k].split(" ")[0]) for k in heads), default=1)
+    top = min((len(body[k].split(" ")[0]) for k in heads), default=1) - (1 if title else 0)
     for k in heads:  # the first heading becomes the page's title (H1); the rest keep their depth below it
         level = len(body[k].split(" ")[0])
         body[k] = "#" * (level - top + 1) + body[k][level:]
-    return "\n".join(body)
+    return "\n".join(([f"# {title}", ""] if title else []) + body)
 
 
 def _generate() -> None:
     anchors = {}  # (source, anchor) -> page
-    for page, (source, start, stop) in PAGES.items():
-        lines = _slice(source, start, stop).splitlines()
+    for page, (source, start, stop, *title) in PAGES.items():
+        lines = _slice(source, start, stop, *title).splitlines()
         for k in _headings(lines):
             anchors[(source, _slug(lines[k]))] = page
-    file_pages = {source: page for page, (source, start, _) in PAGES.items() if start is None}
+    file_pages = {source: page for page, (source, start, *_) in PAGES.items() if start is None}
 
     def rewrite(page: str, source: str, text: str) -> str:
         here = Path(page).parent
@@ -105,10 +106,10 @@ def _generate() -> None:
 
         return re.sub(r"(!?)\[([^\]]*)\]\(([^)\s]+)\)", link, text)
 
-    for page, (source, start, stop) in PAGES.items():
+    for page, (source, start, stop, *title) in PAGES.items():
         out = GEN / f"{page}.md"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(rewrite(page, source, _slice(source, start, stop)) + "\n")
+        out.write_text(rewrite(page, source, _slice(source, start, stop, *title)) + "\n")
 
 
 def _relpath(to: str, here: Path) -> str:
