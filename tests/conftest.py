@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import re
 import tempfile
 
 os.environ["XLA_FLAGS"] = (
@@ -94,3 +95,29 @@ def stats_path(request):
 
 def pytest_report_header(config):
     return f"jax {jax.__version__}, devices: {jax.device_count()} x {jax.devices()[0].platform}"
+
+
+# tests/test_flax_nnx_behaviours.py re-states flax.nnx's own tests as of flax 0.12.8, with the nnx API
+# of that version (nnx.prefix, nnx.unpack, nnx.compat, nnx.with_attributes, graph_updates=, ...).
+# With an older flax (CI's minimum-version run) a behaviour whose API that flax does not have yet
+# is skipped, saying which; any other failure stays a failure.
+_NEWER_NNX_API = re.compile(
+    r"Module flax\.nnx has no attribute '\w+'"
+    r"|got an unexpected keyword argument '(graph_updates|arrays)'"
+    r"|module 'jax\.experimental\.hijax' has no attribute"
+    r"|No RngStream named 'split' found in Rngs")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    try:
+        return (yield)
+    except (AttributeError, TypeError) as e:
+        import flax
+
+        written_for = (0, 12, 8)
+        older = tuple(int(p) for p in flax.__version__.split(".")[:3]) < written_for
+        if item.module.__name__.endswith("test_flax_nnx_behaviours") and older and _NEWER_NNX_API.search(str(e)):
+            pytest.skip(f"flax {flax.__version__} predates this flax.nnx API ({e}); the behaviour is checked "
+                        "with flax >= 0.12.8")
+        raise
