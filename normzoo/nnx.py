@@ -36,7 +36,7 @@ import inspect
 import numbers
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 import flax.linen as nn
 import jax
@@ -62,7 +62,8 @@ __all__ = ["BatchNorm", "BatchRenorm", "CosineConv", "CosineLinear", "GroupNorm"
 
 def _shape(num_features: int | Sequence[int], axes: Any, layer: str) -> tuple[int, ...]:
     """The variables' shape: ``(num_features,)``, or one size per feature axis."""
-    shape = (int(num_features),) if isinstance(num_features, numbers.Integral) else tuple(num_features)
+    shape = ((int(num_features),) if isinstance(num_features, numbers.Integral)
+             else tuple(cast(Sequence[int], num_features)))
     n_axes = 1 if isinstance(axes, numbers.Integral) else len(tuple(axes))
     if len(shape) != n_axes:
         raise ValueError(
@@ -98,6 +99,9 @@ class _RunningAverage(nnx.Module):
     """``use_running_average`` as flax.nnx.BatchNorm has it: an attribute that ``model.train()``,
     ``model.eval()`` and ``nnx.view`` set, and a call argument that wins."""
 
+    if TYPE_CHECKING:
+        use_running_average: bool | None
+
     def set_view(self, use_running_average: bool | None = None):
         """Class method used by ``nnx.view``.
 
@@ -115,6 +119,14 @@ class _RunningAverage(nnx.Module):
 class _BatchNorm(_RunningAverage):
     """The shell of the batch family: ``__call__`` applies ``_map``'s output map to ``x``;
     ``affine_map`` returns it (IBN and deployment code join and fold maps)."""
+
+    if TYPE_CHECKING:  # what each layer's __init__ sets, for the type checker
+        mean: nnx.BatchStat
+        scale: Any
+        bias: Any
+        dtype: Any
+        promote_dtype: Any
+        _map: Callable[..., tuple[AffineMap, Array]]
 
     def __call__(self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None) -> Array:
         """Normalizes ``x``: with batch statistics (running ones updated) or, if
@@ -511,6 +523,15 @@ class NoisyBatchNorm(_BatchNorm):
 class _PerSample(nnx.Module):
     """The per-sample shells: scale and bias promoted with ``x`` (flax.nnx's), then the function."""
 
+    if TYPE_CHECKING:  # what each layer's __init__ sets, for the type checker
+        scale: Any
+        bias: Any
+        dtype: Any
+        promote_dtype: Any
+        epsilon: float
+        axis_name: str | None
+        axis_index_groups: Any
+
     def _promoted(self, x: Array) -> tuple[Array, Array | None, Array | None]:
         return self.promote_dtype((x, _value(self.scale), _value(self.bias)), dtype=self.dtype)
 
@@ -769,7 +790,7 @@ class InstanceNorm(_PerSample, _RunningAverage):
         return amap(x)
 
     def _map(self, x: Array, mask: Array | None, use_running_average: bool | None = None) -> tuple[AffineMap, Array]:
-        training, stored = True, (None, None)
+        training, stored = True, cast(tuple[Array | None, Array | None], (None, None))
         if self.track_running_stats:  # without tracked statistics the attribute is never read
             training = not _first_from(use_running_average, self.use_running_average, type(self).__name__)
             stored = (self.mean[...], self.var[...])
@@ -863,11 +884,15 @@ class IBN(nnx.Module):
         return self._map(x, use_running_average, mask)
 
     def _map(self, x: Array, use_running_average: bool | None, mask: Array | None) -> AffineMap:
-        return F._ibn_map(
-            x, mask, self.ratio, self.axis,
-            lambda part, mask, axis: self.IN._map(part, mask)[0],
-            lambda part, mask: self.BN._map(part, use_running_average, mask)[0],
-        )
+        def instance(part, mask, axis):  # called only where the instance part has channels
+            assert self.IN is not None
+            return self.IN._map(part, mask)[0]
+
+        def batch(part, mask):  # called only where the batch part has channels
+            assert self.BN is not None
+            return self.BN._map(part, use_running_average, mask)[0]
+
+        return F._ibn_map(x, mask, self.ratio, self.axis, instance, batch)
 
 
 # ----------------------------------------------------------------------------- weight family
@@ -876,6 +901,31 @@ class IBN(nnx.Module):
 class _WeightLayer(nnx.Module):
     """Linear layers with a normalized kernel, with flax.nnx.Linear's / Conv's constructor and
     attributes; ``promote_dtype`` as flax.nnx (it sees ``(inputs, kernel, bias)``)."""
+
+    if TYPE_CHECKING:  # what _configure sets from the constructor's arguments, for the type checker
+        in_features: int
+        out_features: int
+        kernel_size: Sequence[int]
+        kernel_shape: tuple[int, ...]
+        strides: Any
+        padding: Any
+        input_dilation: Any
+        kernel_dilation: Any
+        feature_group_count: int
+        mask: Any
+        precision: Any
+        dot_general: Any
+        conv_general_dilated: Any
+        dtype: Any
+        promote_dtype: Any
+        epsilon: float
+        kernel: nnx.Param
+        v: nnx.Param
+        g: nnx.Param
+        scale: Any
+        bias: Any
+
+        def _apply(self, op: Callable, x: Array, sumsq: Callable) -> Array: ...
 
     def __call__(self, inputs: Array, out_sharding: Any = None) -> Array:
         """Applies the layer to ``inputs`` (features last). ``out_sharding`` (flax.nnx's explicit-
