@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import pickle
 import subprocess
 import sys
@@ -179,6 +180,7 @@ def test_comparison_runner(names, data, fixture_dir, tmp_path):
     assert ("2 run(s) at a time, one thread each" if names is None else "1 run(s) at a time).") in md
     meta = json.loads((tmp_path / "results.json").read_text())["meta"]
     assert meta["preset"] == "tiny" and meta["workers"] == config.workers
+    assert re.fullmatch(r"[0-9a-f]{7,40}\+?|unknown", meta["commit"]) and f"commit {meta['commit']};" in md
     if names is None:
         # The small-batch table compares with the full-batch run of the same name.
         assert results["small_batch"]["batch_renorm"]["reference_test_accuracy"] == results["runs"]["batch_renorm"]["test_accuracy"]

@@ -145,6 +145,19 @@ def _print_row(name, s):
           f"{s['images_per_s']:.0f} img/s  {s['train_time_s']:.0f} s", flush=True)
 
 
+def _commit() -> str:
+    """The repository's commit the results were measured at ("+" if the work tree had changes)."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+" if dirty else "")
+
+
 def _meta(config, wall, data) -> dict:
     import flax
     import optax
@@ -160,6 +173,7 @@ def _meta(config, wall, data) -> dict:
         "host": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {sys.version.split()[0]}",
         "workers": config.get("workers", 1),
         "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__},
+        "commit": _commit(),
         "wall_time_s": wall,
     }
 
@@ -169,7 +183,8 @@ def to_markdown(results: dict) -> str:
     lines = [
         f"# CIFAR-10: {m['model']} (width {m['width']}), preset `{m['preset']}`",
         "",
-        f"{m['date']}; {m['device']}; {m['host']}; jax {m['versions']['jax']}, flax {m['versions']['flax']}.",
+        f"{m['date']}, commit {m.get('commit', 'unknown')}; {m['device']}; {m['host']}; jax {m['versions']['jax']}, "
+        f"flax {m['versions']['flax']}.",
         f"{m['epochs']} epoch(s) at batch {m['batch_size']} on {m['train_images']} training images, seed {m['seed']}, "
         f"test accuracy on {m['test_images']} test images; total wall time {m['wall_time_s'] / 60:.1f} min "
         f"({m['workers']} run(s) at a time" + (", one thread each)." if m["workers"] > 1 else ")."),
