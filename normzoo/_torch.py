@@ -161,7 +161,7 @@ def from_torch(state_dict: Mapping[str, Any], template: Mapping, names: Mapping[
     """
     target = traverse_util.flatten_dict(nn.unbox(dict(template)))
     conv_transpose = dict(conv_transpose or {})
-    out = {}
+    out: dict[tuple[str, ...], Any] = {}
     source: dict = {}
     by_module = _group_state_dict(state_dict, source)
     for prefix, entries in by_module.items():
@@ -169,9 +169,10 @@ def from_torch(state_dict: Mapping[str, Any], template: Mapping, names: Mapping[
             key = f"{prefix}.{next(iter(entries))}"
             raise ValueError(f"from_torch: '{key}' has module prefix '{prefix}', which is not in `names`; "
                              "map it to a Flax module path (names[prefix] = 'Module_0/...'), or to None to leave it out.")
-        if names[prefix] is None:
+        module = names[prefix]
+        if module is None:
             continue
-        path = tuple(p for p in names[prefix].split("/") if p)
+        path = tuple(p for p in module.split("/") if p)
         here = {k[-1]: k for k in target if k[1:-1] == path}
         # A copy: tensor.numpy() shares the module's buffers, which training updates in place.
         entries = {leaf: np.array(v, copy=True) for leaf, v in entries.items()}
@@ -186,12 +187,12 @@ def from_torch(state_dict: Mapping[str, Any], template: Mapping, names: Mapping[
                 raise ValueError(f"from_torch: '{prefix}.{leaf}' has no Flax counterpart "
                                  f"(known: {sorted(table) + ['num_batches_tracked']}, or a parameter of the "
                                  f"same name at '{names[prefix]}', which has {sorted(here)}).")
-            key = (collection,) + path + (name,)
-            if key not in target:
-                raise ValueError(f"from_torch: '{prefix}.{leaf}' -> '{'/'.join(key)}', which the template lacks "
+            flax_key = (collection,) + path + (name,)
+            if flax_key not in target:
+                raise ValueError(f"from_torch: '{prefix}.{leaf}' -> '{'/'.join(flax_key)}', which the template lacks "
                                  f"(its variables at '{names[prefix]}': "
                                  f"{sorted('/'.join(k) for k in target if k[1:-1] == path)}).")
-            want = target[key]
+            want = target[flax_key]
             if name in ("kernel", "v"):
                 value = np.ascontiguousarray(_torch_kernel_to_flax(value, conv_transpose.get(prefix)))
             elif name not in ("mean", "var") and value.shape != _shape(want) and \
@@ -212,11 +213,11 @@ def from_torch(state_dict: Mapping[str, Any], template: Mapping, names: Mapping[
                 value = m_t + c * (value - m_t)
             if value.shape != _shape(want):
                 raise ValueError(f"from_torch: '{prefix}.{leaf}' gives shape {value.shape} for "
-                                 f"'{'/'.join(key)}', the template has {_shape(want)} (a LayerNorm over "
+                                 f"'{'/'.join(flax_key)}', the template has {_shape(want)} (a LayerNorm over "
                                  "several axes is (C, H, W) in PyTorch and (H, W, C) in Flax: transpose it yourself).")
-            out[key] = jnp.asarray(value, want.dtype)
+            out[flax_key] = jnp.asarray(value, want.dtype)
             if _keys is not None:  # where each variable came from, for Port.to_torch
-                _keys.setdefault(prefix, {})["/".join(key)] = source[(prefix, leaf)]
+                _keys.setdefault(prefix, {})["/".join(flax_key)] = source[(prefix, leaf)]
         steps = ("batch_stats",) + path + ("steps",)
         if tracked is not None and steps in target:
             out[steps] = jnp.asarray(tracked, target[steps].dtype)
@@ -255,7 +256,7 @@ def to_torch(variables: Mapping, names: Mapping[str, str | None], *,
     conv_transpose = dict(conv_transpose or {})
     shapes = dict(shapes or {})
     torch_keys = dict(torch_keys or {})
-    out = {}
+    out: dict[str, np.ndarray] = {}
     for prefix, module in names.items():
         if module is None:
             continue
@@ -345,7 +346,7 @@ def _flax_kind(own: Mapping[tuple[str, str], Any], module: nn.Module | None) -> 
 @dataclasses.dataclass
 class _FlaxLayer:
     path: str
-    module: nn.Module
+    module: nn.Module | None  # None: mapped explicitly, not called on the sample
     kind: str
     own: dict  # (collection, name) -> shape-bearing leaf
     input_shape: tuple[int, ...] | None = None
@@ -386,12 +387,12 @@ def _trace(model: nn.Module, template: Mapping, args, method, kwargs, named=()) 
     return list(layers.values())
 
 
-def _expected_flax_shapes(entries: Mapping[str, Any], layer: _FlaxLayer) -> list[tuple[str, tuple, tuple]]:
+def _expected_flax_shapes(entries: Mapping[str, Any], layer: _FlaxLayer) -> list[tuple[str, tuple, tuple | None]]:
     """``[(torch leaf, its shape in Flax's layout, the Flax variable's shape)]`` that differ."""
     here = {n: (c, n) for c, n in layer.own}
     table = _table(entries, here)
     transpose = getattr(layer.module, "transpose_kernel", None) if isinstance(layer.module, nn.ConvTranspose) else None
-    bad = []
+    bad: list[tuple[str, tuple, tuple | None]] = []
     for leaf, value in entries.items():
         if leaf == "num_batches_tracked":
             continue
@@ -634,8 +635,9 @@ def port_torch(model: nn.Module, state_dict: Mapping[str, Any], *args, template:
     mapping = _pair(by_module, layers, dict(names or {}))
     by_path = {layer.path: layer for layer in layers}
     kinds = {p: _torch_kind(e) for p, e in by_module.items()}
-    conv_transpose = {p: bool(by_path[f].module.transpose_kernel) for p, f in mapping.items()
-                      if f is not None and isinstance(by_path[f].module, nn.ConvTranspose)}
+    transposed = {p: m for p, f in mapping.items()
+                  if f is not None and isinstance(m := by_path[f].module, nn.ConvTranspose)}
+    conv_transpose = {p: bool(m.transpose_kernel) for p, m in transposed.items()}
     parametrizations = any(k.rpartition(".")[0].endswith(_PARAMETRIZED) for k in state_dict)
     shapes = {k: _shape(v) for k, v in state_dict.items()}
 
