@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.test_readme import run_blocks
+
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 PAGES = sorted(p for p in DOCS.rglob("*.md") if "_gen" not in p.parts and "_build" not in p.parts)
 
@@ -20,13 +22,7 @@ def test_the_pages_are_the_site():
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_every_code_block_of_a_page_runs(page):
-    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
-    namespace = {}
-    for i, code in enumerate(blocks):
-        try:
-            exec(compile(code, f"{page.name} python block {i}", "exec"), namespace)
-        except Exception as e:  # pragma: no cover - the message names the failing block
-            raise AssertionError(f"{page.name} python block {i} failed: {type(e).__name__}: {e}\n{code}") from e
+    run_blocks(re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S), page.name)
 
 
 def test_the_large_mean_figure_shows_flax_fast_variance_failing_and_ours_exact(tmp_path):

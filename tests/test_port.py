@@ -353,17 +353,11 @@ def test_torch_weight_norm_and_conv_transpose_both_ways():
     assert port.to_torch()["weight_g"].shape == (4, 1)
 
 
-def _randomize_batch_norms(torch, net, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.num_batches_tracked.fill_(7)
-    return net
+def _randomized_net(torch, net):
+    """examples/porting/main.py's randomization: BatchNorm statistics and affine, ConvNeXt's layer scale."""
+    from examples.porting.main import randomize
+
+    return randomize(torch, net)
 
 
 def _resnet18_hand_names():
@@ -384,7 +378,7 @@ def test_resnet18_traps_are_caught_with_the_layer_named(monkeypatch):
     torch, tv = _torch(), _tv()
     from examples.porting import models
 
-    net = _randomize_batch_norms(torch, tv.resnet18(num_classes=10)).eval()
+    net = _randomized_net(torch, tv.resnet18(num_classes=10))
     x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
     acts, state = deploy.torch_activations(net, _nchw(x)), _state(net)
     port = deploy.port_torch(models.ResNet18(10), state, x, train=False, activations=acts)
@@ -483,11 +477,7 @@ def test_torchvision_zoo_ports_both_ways(name):
                                  dict(train=False)),
         "convnext_tiny": lambda: (tv.convnext_tiny(num_classes=10), models.ConvNeXtTiny(10), _convnext_hand_names(), {}),
     }[name]()
-    net = _randomize_batch_norms(torch, net).eval()
-    with torch.no_grad():  # ConvNeXt's layer scale starts at 1e-6: make the blocks count
-        for k, p in net.named_parameters():
-            if k.endswith("layer_scale"):
-                p.uniform_(0.5, 1.5)
+    net = _randomized_net(torch, net)  # ConvNeXt's layer scale too: it starts at 1e-6, hiding the blocks
     x = np.random.default_rng(0).standard_normal((4, 32, 32, 3)).astype(np.float32)
     acts = deploy.torch_activations(net, _nchw(x))
     state = _state(net)
@@ -518,13 +508,11 @@ def test_torchvision_zoo_ports_both_ways(name):
 
 def test_the_readme_porting_guide_runs():
     _tv()  # torchvision's models importable (see examples/porting/torch_models.py)
-    from tests.test_readme import optional_package, python_blocks
+    from tests.test_readme import optional_package, python_blocks, run_blocks
 
     blocks = [b for b in python_blocks() if optional_package(b) == "torch"]
     assert blocks, "the README has a porting guide"
-    namespace = {}
-    for code in blocks:
-        exec(compile(code, "README.md torch block", "exec"), namespace)
+    namespace = run_blocks(blocks, "README.md torch")
     port = namespace["port"]
     assert port.names["layer2.0.downsample.1"] == "BasicBlock_2/BatchNorm_2" and port.output_error < 1e-5
     assert "layer4.1.bn2" in str(port)

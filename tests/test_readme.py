@@ -17,15 +17,21 @@ def optional_package(code):
     return found and found.group(1)
 
 
-def test_readme_snippets_run():
-    blocks = [b for b in python_blocks() if not optional_package(b)]
-    assert len(blocks) >= 4
+def run_blocks(blocks, source):
+    """Runs code blocks in order in one namespace, which it returns; a failure names the block."""
     namespace = {}
     for i, code in enumerate(blocks):
         try:
-            exec(compile(code, f"README.md python block {i}", "exec"), namespace)
+            exec(compile(code, f"{source} python block {i}", "exec"), namespace)
         except Exception as e:  # pragma: no cover - the message names the failing block
-            raise AssertionError(f"README python block {i} failed: {type(e).__name__}: {e}\n{code}") from e
+            raise AssertionError(f"{source} python block {i} failed: {type(e).__name__}: {e}\n{code}") from e
+    return namespace
+
+
+def test_readme_snippets_run():
+    blocks = [b for b in python_blocks() if not optional_package(b)]
+    assert len(blocks) >= 4
+    namespace = run_blocks(blocks, "README.md")
     assert namespace["y"].shape[0] == namespace["jax"].local_device_count()
     assert "mean" in namespace["updates"]["batch_stats"]
 

@@ -182,12 +182,10 @@ def test_large_means_cost_sbx_its_variance_and_normzoo_nothing():
 @pytest.mark.slow  # the README's sbx snippet trains CrossQ for a few hundred steps
 def test_the_readme_sbx_snippets_run():
     pytest.importorskip("gymnasium", reason="gymnasium is not installed (pip install 'normzoo[rl]')")
-    from tests.test_readme import optional_package, python_blocks
+    from tests.test_readme import optional_package, python_blocks, run_blocks
 
     blocks = [b for b in python_blocks() if optional_package(b) == "sbx"]
     assert blocks, "the README shows how to switch sbx's CrossQ"
-    namespace = {}
-    for code in blocks:
-        exec(compile(code, "README.md sbx block", "exec"), namespace)
+    namespace = run_blocks(blocks, "README.md sbx")
     assert namespace["model"].num_timesteps >= 300
     assert normzoo.sbx.BatchRenorm is not sbx_layers.BatchRenorm and sbx_layers.BatchRenorm is SbxBatchRenorm
