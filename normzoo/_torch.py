@@ -73,10 +73,11 @@ def _variance_ratio(batch_elements, tracked, momentum, where=""):
     return (1.0 - momentum) ** int(tracked), (n - 1) / n
 
 
-def _elements_for(batch_elements, prefix):
-    if batch_elements is None or isinstance(batch_elements, (int, np.integer)):
-        return batch_elements
-    return batch_elements.get(prefix)
+def _per_prefix(value, prefix):
+    """An argument given as one number for every module or as a mapping PyTorch prefix -> number."""
+    if value is None or isinstance(value, (int, np.integer)):
+        return value
+    return value.get(prefix)
 
 
 def _shape(a) -> tuple[int, ...]:
@@ -198,7 +199,7 @@ def from_torch(state_dict: Mapping[str, Any], template: Mapping, names: Mapping[
             elif name not in ("mean", "var") and value.shape != _shape(want) and \
                     tuple(d for d in value.shape if d != 1) == tuple(d for d in _shape(want) if d != 1):
                 value = value.reshape(_shape(want))  # weight_g (C, 1, 1, 1), layer_scale (C, 1, 1)
-            if name == "var" and _elements_for(batch_elements, prefix) is not None:
+            if name == "var" and (elements := _per_prefix(batch_elements, prefix)) is not None:
                 if tracked is None:
                     raise ValueError(f"from_torch: converting '{prefix}.running_var' needs "
                                      f"'{prefix}.num_batches_tracked', which the state dict lacks.")
@@ -208,7 +209,7 @@ def from_torch(state_dict: Mapping[str, Any], template: Mapping, names: Mapping[
                                      "(PyTorch's InstanceNorm never counts them; statistics set by hand neither): "
                                      "leave its variance unconverted "
                                      f"(no batch_elements for '{prefix}').")
-                m_t, c = _variance_ratio(_elements_for(batch_elements, prefix), tracked, momentum,
+                m_t, c = _variance_ratio(elements, tracked, momentum,
                                          f" (for '{prefix}')")
                 value = m_t + c * (value - m_t)
             if value.shape != _shape(want):
@@ -266,11 +267,10 @@ def to_torch(variables: Mapping, names: Mapping[str, str | None], *,
             raise ValueError(f"to_torch: names['{prefix}'] = '{module}', a path with no variables.")
         steps = entries.pop(("batch_stats",) + path + ("steps",), None)
         has_var = ("batch_stats",) + path + ("var",) in entries
-        elements = _elements_for(batch_elements, prefix)
-        if has_var and steps is None and _elements_for(num_batches_tracked, prefix) is None and elements is not None:
+        elements, given = _per_prefix(batch_elements, prefix), _per_prefix(num_batches_tracked, prefix)
+        if has_var and steps is None and given is None and elements is not None:
             raise ValueError(f"to_torch: converting the variance of '{module}' needs its number of "
                              "updates: pass num_batches_tracked (it has no steps counter).")
-        given = _elements_for(num_batches_tracked, prefix)
         tracked = int(np.asarray(steps) if steps is not None else given or 0)
         module_out = {}  # (rank in PyTorch's order, key) -> value
         table = _table(("weight_v",) if ("params",) + path + ("v",) in entries else (), {k[-1] for k in entries})
