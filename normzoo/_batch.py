@@ -9,7 +9,7 @@ to ``x``; ``affine_map`` returns the map itself (IBN and deployment code use it)
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, TypedDict
 
 import flax.linen as nn
 import jax
@@ -21,6 +21,20 @@ from normzoo._stats import AffineMap
 
 Array = jax.Array
 Initializer = Any
+
+
+class _Options(TypedDict):
+    """The batch functions' shared keyword arguments, as the fields give them."""
+
+    momentum: float
+    epsilon: float
+    axis: Any
+    mask: Array | None
+    axis_name: str | None
+    axis_index_groups: Any
+    virtual_batch_size: int | None
+    dtype: Any
+    layer: str
 
 
 class _Shell(nn.Module):
@@ -115,13 +129,13 @@ class _Mapped(_Shell):
         return F._layout(x, self.axis, None, type(self).__name__).shape
 
     @nn.nowrap
-    def _options(self, mask: Array | None) -> dict[str, Any]:
+    def _options(self, mask: Array | None) -> _Options:
         """The function's keyword arguments, from the fields. Under ``init`` the mapped axis
         need not exist yet (flax does the same)."""
-        return dict(momentum=self.momentum, epsilon=self.epsilon, axis=self.axis, mask=mask,
-                    axis_name=None if self.is_initializing() else self.axis_name,
-                    axis_index_groups=self.axis_index_groups, virtual_batch_size=self.virtual_batch_size,
-                    dtype=self.dtype, layer=type(self).__name__)
+        return _Options(momentum=self.momentum, epsilon=self.epsilon, axis=self.axis, mask=mask,
+                        axis_name=None if self.is_initializing() else self.axis_name,
+                        axis_index_groups=self.axis_index_groups, virtual_batch_size=self.virtual_batch_size,
+                        dtype=self.dtype, layer=type(self).__name__)
 
 
 class _BatchFields(_Mapped):
@@ -211,8 +225,8 @@ class BatchNorm(_BatchFields):
         shape = self._features(x)
         running = self._running(shape)
         scale, bias = self._affine(shape)
-        amap, new = F._batch_map(x, *self._read(running, not use_ra), scale, bias, training=not use_ra,
-                                 **self._options(mask))
+        mean, var = self._read(running, not use_ra)
+        amap, new = F._batch_map(x, mean, var, scale, bias, training=not use_ra, **self._options(mask))
         self._store(running, new, x, not use_ra)
         return amap
 
@@ -271,8 +285,9 @@ class BatchRenorm(_BatchFields):
         shape = self._features(x)
         running = self._running(shape) + [self.variable("batch_stats", "steps", lambda: jnp.zeros((), jnp.int32))]
         scale, bias = self._affine(shape)
+        mean, var, steps = self._read(running, not use_ra)
         amap, new = F._renorm_map(
-            x, *self._read(running, not use_ra), scale, bias, training=not use_ra, r_max=self.r_max, d_max=self.d_max,
+            x, mean, var, steps, scale, bias, training=not use_ra, r_max=self.r_max, d_max=self.d_max,
             warmup_steps=self.warmup_steps, warmup_schedule=self.warmup_schedule,
             correct=not self.is_initializing(), **self._options(mask),
         )
@@ -312,7 +327,8 @@ class MeanOnlyBatchNorm(_BatchFields):
         shape = self._features(x)
         running = self._running(shape, names=("mean",))
         scale, bias = self._affine(shape)
-        amap, new = F._batch_map(x, *self._read(running, not use_ra), None, scale, bias, training=not use_ra, divide=False,
+        (mean,) = self._read(running, not use_ra)
+        amap, new = F._batch_map(x, mean, None, scale, bias, training=not use_ra, divide=False,
                                  **self._options(mask))
         self._store(running, new, x, not use_ra)
         return amap
@@ -371,8 +387,9 @@ class NoisyBatchNorm(BatchNorm):
         running = self._running(shape)
         scale, bias = self._affine(shape)
         noisy = not use_ra and not self.is_initializing()
+        mean, var = self._read(running, not use_ra)
         amap, new = F._noisy_map(
-            x, *self._read(running, not use_ra), scale, bias, training=not use_ra,
+            x, mean, var, scale, bias, training=not use_ra,
             key=self.make_rng(self.rng_collection) if noisy else None, shift_range=self.shift_range,
             scale_range=self.scale_range, noise_width=self.noise_width, **self._options(mask),
         )
@@ -430,7 +447,7 @@ class LpBatchNorm(BatchNorm):
         shape = self._features(x)
         running = self._running(shape)
         scale, bias = self._affine(shape)
-        amap, new = F._lp_map(x, *self._read(running, not use_ra), scale, bias, p=self.p, training=not use_ra,
-                              **self._options(mask))
+        mean, var = self._read(running, not use_ra)
+        amap, new = F._lp_map(x, mean, var, scale, bias, p=self.p, training=not use_ra, **self._options(mask))
         self._store(running, new, x, not use_ra)
         return amap

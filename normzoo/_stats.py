@@ -261,8 +261,8 @@ def gather_all(
     return stacked, jnp.asarray(table)[idx]
 
 
-def _member_view(member: Array | None, like: Array) -> Array | None:
-    return None if member is None else jnp.reshape(member, (-1,) + (1,) * (like.ndim - 1))
+def _member_view(member: Array, like: Array) -> Array:
+    return jnp.reshape(member, (-1,) + (1,) * (like.ndim - 1))
 
 
 def group_mean(stacked: Array, member: Array | None) -> Array:
@@ -591,9 +591,10 @@ def _shortcut(x, mean, mul, add):
 @functools.partial(jax.jit, static_argnums=2)
 def _apply_map(x: Array, amap: AffineMap, path: str | None = None) -> Array:
     x = jnp.asarray(x, jnp.promote_types(stats_dtype(x.dtype), jnp.result_type(amap.mean)))
-    args = (x, amap.mean, amap.mul, amap.add)
+    args: tuple[Array | None, ...] = (x, amap.mean, amap.mul, amap.add)
     parts = [jnp.shape(a) for a in args[1:] if a is not None]
-    if amap.small_mean is None or math.prod(jnp.broadcast_shapes(*parts)) >= x.size:
+    small_mean = amap.small_mean
+    if small_mean is None or math.prod(jnp.broadcast_shapes(*parts)) >= x.size:
         y = _centered(*args)
     else:
         # Under shard_map the per-channel terms are replicated and x is not: cast them to x's
@@ -601,7 +602,7 @@ def _apply_map(x: Array, amap: AffineMap, path: str | None = None) -> Array:
         # cotangents across devices once, after the branch, instead of once in each branch.
         args = (x,) + tuple(None if a is None else _varying_like(a, x) for a in args[1:])
         y = by_platform(
-            checked=lambda: _checked(amap.small_mean, _shortcut, jax.checkpoint(_centered), *args),
+            checked=lambda: _checked(small_mean, _shortcut, jax.checkpoint(_centered), *args),
             shifted=lambda: _centered(*args),
         )
     return jnp.asarray(y, amap.dtype)
@@ -621,7 +622,7 @@ def _varying_like(a: Array, x: Array) -> Array:
         return a
     if hasattr(lax, "pcast"):
         return lax.pcast(a, missing, to="varying")
-    return lax.pvary(a, missing)  # jax < 0.8
+    return getattr(lax, "pvary")(a, missing)  # jax < 0.8
 
 
 __all__ = [

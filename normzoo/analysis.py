@@ -239,8 +239,9 @@ def internal_covariate_shift(
             "like params) and learning_rate (plain SGD: updates = -learning_rate * grad)."
         )
     grads = jax.grad(loss_fn)(params, batch)
-    if updates is None:
-        updates = jax.tree.map(lambda g: -learning_rate * g, grads)
+    if learning_rate is not None:
+        rate = learning_rate
+        updates = jax.tree.map(lambda g: -rate * g, grads)
     paths = [p for p, _ in _ordered_leaves(params)]
     use = _use_order(loss_fn, params, batch)
     rank = [use.index(j) for j in range(len(paths))]

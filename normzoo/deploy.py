@@ -229,7 +229,7 @@ def _consumers(closed) -> dict[int, tuple[int | None, str]]:
                 walk(sub)
 
     walk(closed.jaxpr)
-    found = {}
+    found: dict[int, tuple[int | None, str]] = {}
     for index, (var, jaxpr) in ins.items():
         producer = outs.get(var) if isinstance(var, jcore.Var) else None
         if producer is None or producer[1] is not jaxpr:
@@ -623,7 +623,7 @@ def precise_batch_stats(model: nn.Module, variables: Mapping, batches: Iterable,
         wide = {k: np.asarray(v, np.result_type(v.dtype, np.float64)) for k, v in flat.items() if k[-1] in _AVERAGED}
         sums = wide if sums is None else {k: sums[k] + wide[k] for k in sums}
         count += 1
-    if count == 0:
+    if sums is None:
         raise ValueError("precise_batch_stats: `batches` yielded no batch; give at least one.")
     new = {k: (jnp.asarray(sums[k] / count, jnp.asarray(v).dtype) if k in sums else v) for k, v in flat_old.items()}
     return {**variables, "batch_stats": traverse_util.unflatten_dict(new)}

@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
@@ -175,17 +175,27 @@ class _Layout(NamedTuple):
     ghosts: int | None  # number of ghost batches (virtual_batch_size), or None
     batch: int  # size of axis 0
 
+    @overload
+    def ghost_view(self, a: Array) -> Array: ...
+    @overload
+    def ghost_view(self, a: None) -> None: ...
+
     def ghost_view(self, a: Array | None) -> Array | None:
         """Reshape in: x (or its mask) with a leading axis of ghost batches."""
         if a is None or self.ghosts is None:
             return a
         return jnp.reshape(a, (self.ghosts, a.shape[0] // self.ghosts) + a.shape[1:])
 
+    @overload
+    def expand(self, stat: Array) -> Array: ...
+    @overload
+    def expand(self, stat: None) -> None: ...
+
     def expand(self, stat: Array | None) -> Array | None:
         """Reshape out: per-feature (or per-ghost-batch) statistics broadcast against x."""
         if stat is None:
             return None
-        if jnp.ndim(stat) == len(self.shape):  # one per feature
+        if self.ghosts is None or jnp.ndim(stat) == len(self.shape):  # one per feature
             return jnp.reshape(stat, self.view)
         per_ghost = jnp.reshape(stat, (self.ghosts, 1) + self.view[1:])
         repeated = jnp.broadcast_to(per_ghost, (self.ghosts, self.batch // self.ghosts) + self.view[1:])
@@ -307,7 +317,7 @@ def _batch_map(
             )
         stats = BatchStats(mean, var)
         center = mean
-        inv = lax.rsqrt(var + epsilon) if divide else None
+        inv = lax.rsqrt(var + epsilon) if divide and var is not None else None
     if inv is None:
         inv = jnp.ones(jnp.shape(center), jnp.real(center).dtype)
     view = lambda p: None if p is None else jnp.reshape(p, layout.view)  # noqa: E731
@@ -459,6 +469,7 @@ def _renorm_map(x, mean, var, steps, scale, bias, *, training, r_max, d_max, war
 
     amap, (new_mean, new_var) = _batch_map(x, mean, var, scale, bias, training=training, layer=layer,
                                            correction=correction if correct else None, **options)
+    assert new_mean is not None and new_var is not None  # given running statistics, _batch_map returns them
     return amap, RenormStats(new_mean, new_var, steps + 1 if training else steps)
 
 
@@ -513,14 +524,14 @@ def batch_renorm(
 _LP_SCALE = {1: math.sqrt(math.pi / 2), 2: 1.0, math.inf: 1.0}
 
 
-def _lp_order(p: Any, layer: str) -> float:
+def _lp_order(p: Any, layer: str) -> int | float:
     order = math.inf if p in ("inf", "Inf") else p
     if isinstance(order, bool) or not isinstance(order, numbers.Real) or order not in _LP_SCALE:
         raise ValueError(
             f"{layer}: p={p!r} must be 1, 2 or math.inf ('inf'): the L1 (mean "
             "absolute deviation), L2 (standard deviation) or L-infinity (maximum) deviation."
         )
-    return order
+    return 1 if order == 1 else 2 if order == 2 else math.inf
 
 
 def _lp_spread(p: float) -> Callable:
@@ -968,7 +979,7 @@ def _ibn_map(x: Array, mask: Array | None, ratio: float, axis: Any, instance: Ca
         )
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
         raise ValueError(f"{layer}: axis={axis!r} must be a single int (the channel axis).")
-    (axis,) = _stats.canonicalize_axes(x.ndim, axis, argument="axis", layer=layer)
+    (axis,) = _stats.canonicalize_axes(x.ndim, int(axis), argument="axis", layer=layer)
     channels = x.shape[axis]
     k = int(channels * ratio)
     mask = _stats.check_mask(mask, x, layer=layer)

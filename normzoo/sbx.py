@@ -137,8 +137,9 @@ class BatchRenorm(_Mapped):
             inv = lax.rsqrt(var / r**2 + self.epsilon)
             return inv, d * _sqrt(var) / r * inv
 
-        amap, new = F._batch_map(x, *self._read(running, not use_ra), scale, bias, training=not use_ra,
-                                 correction=correction, **self._options(mask))
+        mean, var = self._read(running, not use_ra)
+        amap, new = F._batch_map(x, mean, var, scale, bias, training=not use_ra, correction=correction,
+                                 **self._options(mask))
         self._store(running, new, x, not use_ra)
         if not use_ra and not self.is_initializing():
             steps.value = steps.value + 1
@@ -184,7 +185,7 @@ class SbxSwitch:
         for name, original in self._patched.items():
             module = sys.modules.get(name)
             if module is not None and getattr(module, "BatchRenorm", None) is BatchRenorm:
-                module.BatchRenorm = original
+                setattr(module, "BatchRenorm", original)
         self._patched = {}
 
     def __enter__(self) -> SbxSwitch:
@@ -238,5 +239,5 @@ def use_in_sbx() -> SbxSwitch:
     for name, module in list(sys.modules.items()):
         if (name == "sbx" or name.startswith("sbx.")) and getattr(module, "BatchRenorm", None) is original:
             patched[name] = original
-            module.BatchRenorm = BatchRenorm
+            setattr(module, "BatchRenorm", BatchRenorm)
     return SbxSwitch(patched)
