@@ -4,14 +4,16 @@
 
 Sphinx because normzoo's docstrings are reStructuredText with Google-style sections (as flax's and
 optax's): autodoc + napoleon render them as written, ``.. math::`` included; the pages are
-Markdown (MyST). The guides, the examples' results, the benchmarks and the changelog are the
-repository's own Markdown files (README.md sections, examples/*/README.md, benchmarks/README.md,
-CHANGELOG.md), copied into ``docs/_gen`` at every build with their links rewritten to the site's
-pages, so the site and the repository cannot disagree. The README's code blocks run in
-tests/test_readme.py, the pages' own in tests/test_docs.py.
+Markdown (MyST). The pages (getting started, the layers, the guides, versions) are written here
+in docs/; the examples' results, the benchmarks and the changelog are the repository's own Markdown
+files (examples/*/README.md, benchmarks/README.md, CHANGELOG.md), copied into ``docs/_gen`` at every
+build with their links rewritten to the site's pages, so the site and the repository cannot
+disagree. Every Python block of the pages runs in tests/test_docs.py, the README's in
+tests/test_readme.py.
 """
 
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -22,16 +24,8 @@ sys.path.insert(0, str(ROOT))
 import normzoo  # noqa: E402
 
 # page -> (source file, first heading kept, heading it stops before; None: to the end[, a title
-# above it]), in order.
+# above it]), in order: the repository's Markdown files the site shows.
 PAGES = {
-    "getting-started": ("README.md", "## The layers", "### BatchRenorm for RL (CrossQ / sbx)", "Getting started"),
-    "guides/rl": ("README.md", "### BatchRenorm for RL (CrossQ / sbx)", "### Where we differ from flax.linen, and why"),
-    "guides/differences": ("README.md", "### Where we differ from flax.linen, and why", "## Multi-device training"),
-    "guides/multi-device": ("README.md", "## Multi-device training", "## Deployment (`normzoo.deploy`)"),
-    "guides/deployment": ("README.md", "## Deployment (`normzoo.deploy`)",
-                          "## Why normalization works, measured (`normzoo.analysis`)"),
-    "guides/analysis": ("README.md", "## Why normalization works, measured (`normzoo.analysis`)", "## Examples"),
-    "guides/development": ("README.md", "## Development", None),
     "benchmarks": ("benchmarks/README.md", None, None),
     "examples/cifar": ("examples/cifar/README.md", None, None),
     "examples/crossq": ("examples/crossq/README.md", None, None),
@@ -73,6 +67,7 @@ def _slice(source: str, start: str | None, stop: str | None, title: str | None =
 
 
 def _generate() -> None:
+    shutil.rmtree(GEN, ignore_errors=True)  # nothing left over from an older set of pages
     anchors = {}  # (source, anchor) -> page
     for page, (source, start, stop, *title) in PAGES.items():
         lines = _slice(source, start, stop, *title).splitlines()

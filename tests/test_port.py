@@ -506,13 +506,14 @@ def test_torchvision_zoo_ports_both_ways(name):
         np.testing.assert_array_equal(v.numpy(), state[k], err_msg=k)
 
 
-def test_the_readme_porting_guide_runs():
+def test_the_porting_guide_runs():
     _tv()  # torchvision's models importable (see examples/porting/torch_models.py)
+    from tests.test_docs import DOCS
     from tests.test_readme import optional_package, python_blocks, run_blocks
 
-    blocks = [b for b in python_blocks() if optional_package(b) == "torch"]
-    assert blocks, "the README has a porting guide"
-    namespace = run_blocks(blocks, "README.md torch")
+    blocks = [b for b in python_blocks(DOCS / "guides" / "deployment.md") if optional_package(b) == "torch"]
+    assert blocks, "the deployment guide shows how to port a torchvision model"
+    namespace = run_blocks(blocks, "docs/guides/deployment.md torch")
     port = namespace["port"]
     assert port.names["layer2.0.downsample.1"] == "BasicBlock_2/BatchNorm_2" and port.output_error < 1e-5
     assert "layer4.1.bn2" in str(port)

@@ -179,13 +179,14 @@ def test_large_means_cost_sbx_its_variance_and_normzoo_nothing():
     assert "| 10000 + N(0, 1) |" in sbx_large_mean.table(list(rows.values()))
 
 
-@pytest.mark.slow  # the README's sbx snippet trains CrossQ for a few hundred steps
-def test_the_readme_sbx_snippets_run():
+@pytest.mark.slow  # the RL guide's sbx snippet trains CrossQ for a few hundred steps
+def test_the_rl_guide_sbx_snippets_run():
     pytest.importorskip("gymnasium", reason="gymnasium is not installed (pip install 'normzoo[rl]')")
+    from tests.test_docs import DOCS
     from tests.test_readme import optional_package, python_blocks, run_blocks
 
-    blocks = [b for b in python_blocks() if optional_package(b) == "sbx"]
-    assert blocks, "the README shows how to switch sbx's CrossQ"
-    namespace = run_blocks(blocks, "README.md sbx")
+    blocks = [b for b in python_blocks(DOCS / "guides" / "rl.md") if optional_package(b) == "sbx"]
+    assert blocks, "the RL guide shows how to switch sbx's CrossQ"
+    namespace = run_blocks(blocks, "docs/guides/rl.md sbx")
     assert namespace["model"].num_timesteps >= 300
     assert normzoo.sbx.BatchRenorm is not sbx_layers.BatchRenorm and sbx_layers.BatchRenorm is SbxBatchRenorm
