@@ -123,6 +123,7 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",  # MathJax served from the site itself: formulas render without internet
     "sphinx.ext.viewcode",
 ]
 source_suffix = {".md": "markdown"}

@@ -162,7 +162,7 @@ class _BatchFields(_Mapped):
 class BatchNorm(_BatchFields):
     r"""Batch normalization (Ioffe & Szegedy 2015, arXiv:1502.03167); drop-in for ``flax.linen.BatchNorm``.
 
-    In training, with ``\mu_B`` and ``\sigma_B^2`` the mean and (biased) variance of the
+    In training, with :math:`\mu_B` and :math:`\sigma_B^2` the mean and (biased) variance of the
     batch over every axis except ``axis``:
 
     .. math:: y = \gamma \frac{x - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}} + \beta
@@ -234,8 +234,8 @@ class BatchNorm(_BatchFields):
 class BatchRenorm(_BatchFields):
     r"""Batch renormalization (Ioffe 2017, arXiv:1702.03275).
 
-    In training, with batch statistics ``\mu_B, \sigma_B = \sqrt{\sigma_B^2 + \epsilon}`` and
-    running statistics ``\mu, \sigma = \sqrt{\mathrm{var} + \epsilon}``:
+    In training, with batch statistics :math:`\mu_B, \sigma_B = \sqrt{\sigma_B^2 + \epsilon}` and
+    running statistics :math:`\mu, \sigma = \sqrt{\mathrm{var} + \epsilon}`:
 
     .. math::
         r = \mathrm{sg}\big(\mathrm{clip}(\sigma_B / \sigma, 1/r_{max}, r_{max})\big),\quad
@@ -339,8 +339,8 @@ class NoisyBatchNorm(BatchNorm):
     ("noisy" BatchNorm of Santurkar et al. 2018, arXiv:1805.11604, sec. 2.1).
 
     In training each feature ``j`` (channel) draws, at every call, the parameters of its
-    noise, ``\mu_j \sim U(-\mathrm{shift\_range}, \mathrm{shift\_range})`` and ``\sigma_j \sim
-    U(\mathrm{scale\_range})``; then every activation ``i`` (example and position) of that
+    noise, :math:`\mu_j \sim U(-\mathrm{shift\_range}, \mathrm{shift\_range})` and :math:`\sigma_j \sim
+    U(\mathrm{scale\_range})`; then every activation ``i`` (example and position) of that
     feature draws a scale and a shift around them:
 
     .. math::
@@ -367,8 +367,8 @@ class NoisyBatchNorm(BatchNorm):
       True
 
     Attributes:
-      shift_range: (keyword-only) ``\mu_j`` is drawn from ``U(-shift_range, shift_range)``.
-      scale_range: (keyword-only) ``(low, high)``: ``\sigma_j`` is drawn from ``U(low, high)``.
+      shift_range: (keyword-only) :math:`\mu_j` is drawn from ``U(-shift_range, shift_range)``.
+      scale_range: (keyword-only) ``(low, high)``: :math:`\sigma_j` is drawn from ``U(low, high)``.
       noise_width: (keyword-only) ``w``: the standard deviation of ``s_{ij}`` and the
         half-width of ``m_{ij}``'s interval.
       rng_collection: (keyword-only) the rng stream of the noise (as ``flax.linen.Dropout``).
@@ -400,7 +400,7 @@ class NoisyBatchNorm(BatchNorm):
 class LpBatchNorm(BatchNorm):
     r"""Batch normalization by the batch's Lp deviation (Santurkar et al. 2018, arXiv:1805.11604, sec. 3.3).
 
-    Centred by the batch mean ``\mu_B`` and divided by a deviation ``s_p`` of the batch
+    Centred by the batch mean :math:`\mu_B` and divided by a deviation ``s_p`` of the batch
     (over every axis except ``axis``):
 
     .. math::
@@ -411,7 +411,7 @@ class LpBatchNorm(BatchNorm):
     .. math:: y = \gamma \frac{x - \mu_B}{\sqrt{s_p^2 + \epsilon}} + \beta
 
     ``s_1`` is scaled so that it equals the standard deviation for Gaussian data; ``s_2`` is
-    the standard deviation (``p=2`` is :class:`BatchNorm`); ``s_\infty`` is the largest
+    the standard deviation (``p=2`` is :class:`BatchNorm`); :math:`s_\infty` is the largest
     deviation, unscaled, so L∞ outputs lie in [-1, 1] before ``scale`` and ``bias``. The
     running averages keep ``batch_stats/mean`` and ``batch_stats/var = s_p^2`` (BatchNorm's
     variables and update rule), and inference uses them as BatchNorm does, so the layer
@@ -420,7 +420,7 @@ class LpBatchNorm(BatchNorm):
 
     With ``axis_name`` the statistics are those of the union of the devices' batches (masks
     count-weighted): ``p=2`` and ``p=inf`` with one collective (each device's count, mean,
-    M2, maximum and minimum: ``s_\infty = \max(\max x - \mu, \mu - \min x)``); ``p=1`` needs
+    M2, maximum and minimum: :math:`s_\infty = \max(\max x - \mu, \mu - \min x)`); ``p=1`` needs
     two, because the mean absolute deviation about the global mean cannot be assembled from
     per-device summaries: the first gives the mean, the second the absolute deviations.
 

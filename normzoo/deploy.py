@@ -6,8 +6,8 @@ r"""From training to deployment, for any Flax (linen) model.
 
   .. math:: W' = W \cdot m,\qquad b' = (b - \mu)\, m + a
 
-  with ``m``, ``a``, ``\mu`` the normalizer's inference map ``y = (x - \mu) m + a``
-  (``m = \gamma / \sqrt{\sigma^2 + \epsilon}``, ``a = \beta``). WeightNorm's ``g v / ||v||`` is
+  with ``m``, ``a``, :math:`\mu` the normalizer's inference map :math:`y = (x - \mu) m + a`
+  (:math:`m = \gamma / \sqrt{\sigma^2 + \epsilon}`, :math:`a = \beta`). WeightNorm's ``g v / ||v||`` is
   materialized into a plain kernel. Every other batch-statistics normalizer becomes its
   per-channel map; per-example normalizers (LayerNorm, GroupNorm, InstanceNorm, RMSNorm,
   IBN's instance part, CosineNorm) stay as they are. The pairs are found from the model itself:
@@ -288,7 +288,7 @@ def fold(model: nn.Module, variables: Mapping, *args, method: Callable | str | N
     .. math:: W' = W \cdot m,\qquad b' = (b - \mu)\, m + a
 
     over the producer's output channels, with the normalizer's inference map
-    ``y = (x - \mu) m + a``. WeightNorm kernels ``g v / ||v||`` are materialized. Normalizers
+    :math:`y = (x - \mu) m + a`. WeightNorm kernels ``g v / ||v||`` are materialized. Normalizers
     that cannot be folded (after an activation, an add, a reshape; producer output used twice;
     statistics along another axis than the producer's channels; modules called more than once)
     become their map (three vectors, applied as ``(x - mean) * mul + add``). Per-example
@@ -331,8 +331,8 @@ def fold(model: nn.Module, variables: Mapping, *args, method: Callable | str | N
 
 def fold_pair(kernel: Array, bias: Array | None, mean: Array, mul: Array, add: Array, *, axis: int = -1):
     r"""One producer and the per-channel inference map ``y = (x - mean) * mul + add`` after it,
-    as one producer: ``W' = W \cdot m`` along the kernel's output axis ``axis``, ``b' = (b - \mu)
-    m + a`` (a missing ``bias`` is zero).
+    as one producer: :math:`W' = W \cdot m` along the kernel's output axis ``axis``, :math:`b' = (b - \mu)
+    m + a` (a missing ``bias`` is zero).
 
     Computed in at least float32; returned in the kernel's (and bias') dtype. ``mean``, ``mul`` and
     ``add`` are vectors over the output channels.
@@ -577,7 +577,7 @@ def precise_batch_stats(model: nn.Module, variables: Mapping, batches: Iterable,
 
     .. math:: \hat\mu = \frac1N \sum_{n=1}^{N} \mu_{B_n},\qquad \hat\sigma^2 = \frac1N \sum_{n=1}^{N} \sigma^2_{B_n}
 
-    with ``\mu_{B_n}, \sigma^2_{B_n}`` what the layer computes on batch ``n`` in training (see
+    with :math:`\mu_{B_n}, \sigma^2_{B_n}` what the layer computes on batch ``n`` in training (see
     :func:`batch_statistics`): the average of per-batch statistics, as fvcore's precise BN and
     ``torch.optim.swa_utils.update_bn``, not an EMA; accumulated in float64. The parameters and
     the other ``batch_stats`` leaves (BatchRenorm's step counter, sbx's bounds) are unchanged.

@@ -343,7 +343,7 @@ def batch_norm(
 
     .. math:: y = \gamma \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta
 
-    with ``\mu, \sigma^2`` the mean and (biased) variance over every axis but ``axis`` in
+    with :math:`\mu, \sigma^2` the mean and (biased) variance over every axis but ``axis`` in
     training, the running ``mean``, ``var`` otherwise.
 
     Args:
@@ -389,7 +389,7 @@ def mean_only_batch_norm(
 
     .. math:: y = \gamma (x - \mu) + \beta
 
-    with ``\mu`` the batch mean in training, the running ``mean`` otherwise; no division.
+    with :math:`\mu` the batch mean in training, the running ``mean`` otherwise; no division.
     Arguments as :func:`batch_norm` (no variance). Returns ``(y, BatchStats(mean, None))``.
 
     Example:
@@ -482,8 +482,8 @@ def batch_renorm(
 ) -> tuple[Array, RenormStats]:
     r"""Batch renormalization (Ioffe 2017, arXiv:1702.03275).
 
-    In training, with batch statistics ``\mu_B, \sigma_B = \sqrt{\sigma_B^2 + \epsilon}`` and
-    running ones ``\mu, \sigma = \sqrt{\mathrm{var} + \epsilon}`` (before this step):
+    In training, with batch statistics :math:`\mu_B, \sigma_B = \sqrt{\sigma_B^2 + \epsilon}` and
+    running ones :math:`\mu, \sigma = \sqrt{\mathrm{var} + \epsilon}` (before this step):
 
     .. math::
         r = \mathrm{sg}\big(\mathrm{clip}(\sigma_B / \sigma, 1/r_{max}, r_{max})\big),\quad
@@ -678,8 +678,8 @@ def noisy_batch_norm(
     r"""BatchNorm followed by noise that shifts every activation's distribution at every step
     ("noisy" BatchNorm of Santurkar et al. 2018, arXiv:1805.11604, sec. 2.1).
 
-    In training each feature ``j`` draws ``\mu_j \sim U(-\mathrm{shift\_range},
-    \mathrm{shift\_range})``, ``\sigma_j \sim U(\mathrm{scale\_range})``, then every activation
+    In training each feature ``j`` draws :math:`\mu_j \sim U(-\mathrm{shift\_range},
+    \mathrm{shift\_range})`, :math:`\sigma_j \sim U(\mathrm{scale\_range})`, then every activation
     ``i`` of it a scale and a shift around them:
 
     .. math::

@@ -51,8 +51,8 @@ class BatchRenorm(_Mapped):
     r"""Batch renormalization as sbx and CrossQ compute it; drop-in for ``sbx.common.jax_layers.BatchRenorm``.
 
     While fewer than ``warmup_steps`` training steps have been taken (``batch_stats['steps']``)
-    this is BatchNorm over the batch. From then on, with batch statistics ``\mu_B, \sigma_B^2``,
-    running statistics ``\mu, \sigma^2`` and the bounds stored in ``batch_stats``:
+    this is BatchNorm over the batch. From then on, with batch statistics :math:`\mu_B, \sigma_B^2`,
+    running statistics :math:`\mu, \sigma^2` and the bounds stored in ``batch_stats``:
 
     .. math::
         r = \mathrm{sg}\Big(\mathrm{clip}\big(\sqrt{\tfrac{\sigma_B^2 + \epsilon}{\sigma^2 + \epsilon}},
@@ -63,11 +63,11 @@ class BatchRenorm(_Mapped):
     .. math::
         y = \gamma\, \frac{x - \mu_B + d\, \sigma_B / r}{\sqrt{\sigma_B^2 / r^2 + \epsilon}} + \beta
 
-    (sbx's form: BatchNorm applied to the mean ``\mu_B - d \sigma_B / r`` and variance
-    ``\sigma_B^2 / r^2``; as ``\epsilon \to 0`` it is the paper's ``(x - \mu_B) r / \sigma_B + d``).
+    (sbx's form: BatchNorm applied to the mean :math:`\mu_B - d \sigma_B / r` and variance
+    :math:`\sigma_B^2 / r^2`; as :math:`\epsilon \to 0` it is the paper's :math:`(x - \mu_B) r / \sigma_B + d`).
     ``sg`` stops gradients. The running statistics move toward the batch's as in BatchNorm.
-    At inference (``use_running_average``) ``y = \gamma (x - \mu) / \sqrt{\sigma^2 + \epsilon} + \beta``.
-    Where a feature is constant (``\sigma_B = 0``) the gradient through ``\sigma_B`` is zero, not
+    At inference (``use_running_average``) :math:`y = \gamma (x - \mu) / \sqrt{\sigma^2 + \epsilon} + \beta`.
+    Where a feature is constant (:math:`\sigma_B = 0`) the gradient through :math:`\sigma_B` is zero, not
     NaN.
 
     Example:
