@@ -44,15 +44,20 @@ class _Shell(nn.Module):
     @nn.nowrap
     def _affine(self, shape: tuple[int, ...], *, use_bias: bool | None = None) -> tuple[Array | None, Array | None]:
         """``scale`` and ``bias`` (created in that order, as flax does; None where unused).
-        ``force_float32_reductions=False`` casts them to ``param_dtype`` (flax's meaning)."""
+        ``force_float32_reductions=False`` casts them to ``param_dtype`` (flax's meaning). With
+        ``scale_plus_one`` the parameter is the offset ``gamma - 1`` (initialized at 0 where
+        ``scale_init`` is left at its default, ones) and the scale returned is ``1 + scale``."""
         out = []
         use_bias = self.use_bias if use_bias is None else use_bias
-        for use, name, init in ((self.use_scale, "scale", self.scale_init), (use_bias, "bias", self.bias_init)):
+        plus_one = getattr(self, "scale_plus_one", False)
+        scale_init = initializers.zeros if plus_one and self.scale_init is initializers.ones else self.scale_init
+        for use, name, init in ((self.use_scale, "scale", scale_init), (use_bias, "bias", self.bias_init)):
             p = self.param(name, init, shape, self.param_dtype) if use else None
             if p is not None and not getattr(self, "force_float32_reductions", True):
                 p = jnp.asarray(p, self.param_dtype)
             out.append(p)
-        return out[0], out[1]
+        scale, bias = out
+        return (None if scale is None else 1 + scale) if plus_one else scale, bias
 
     @nn.nowrap
     def _running(self, shape: tuple[int, ...], names=("mean", "var")) -> list[Any]:
@@ -157,6 +162,7 @@ class _BatchFields(_Mapped):
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
     virtual_batch_size: int | None = dataclasses.field(default=None, kw_only=True)
+    scale_plus_one: bool = dataclasses.field(default=False, kw_only=True)
 
 
 class BatchNorm(_BatchFields):
@@ -217,6 +223,10 @@ class BatchNorm(_BatchFields):
       virtual_batch_size: (keyword-only) ghost batch size: statistics are computed over
         consecutive sub-batches of this many examples of each device's batch (Hoffer et
         al. 2017); the running statistics are updated with their average.
+      scale_plus_one: (keyword-only) store the scale as an offset from 1: the layer
+        multiplies by ``1 + scale`` and the default ``scale_init`` (ones) becomes zeros, so
+        it starts at 1 (praxis' and Gemma's convention; a checkpoint stored that way loads
+        unchanged). Every layer with a ``scale`` has this field.
     """
 
     @nn.nowrap

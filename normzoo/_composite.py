@@ -59,7 +59,7 @@ class IBN(_BatchFields):
                 epsilon=self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
                 use_bias=self.use_bias, use_scale=self.use_scale, bias_init=self.bias_init,
                 scale_init=self.scale_init, feature_axes=axis,
-                force_float32_reductions=self.force_float32_reductions, name="IN",
+                force_float32_reductions=self.force_float32_reductions, scale_plus_one=self.scale_plus_one, name="IN",
             ).affine_map(part, mask=mask)
 
         def batch(part, mask):

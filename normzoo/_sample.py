@@ -64,6 +64,9 @@ class LayerNorm(_Shell):
       use_fast_variance: accepted for flax compatibility; ignored (always stable).
       force_float32_reductions: as flax, except that statistics are always reduced in at
         least float32; False only casts ``scale`` and ``bias`` to ``param_dtype``.
+      scale_plus_one: (keyword-only, normzoo) store the scale as an offset from 1, as
+        Gemma's RMSNorm: the layer multiplies by ``1 + scale``, and the default
+        ``scale_init`` (ones) becomes zeros. RMSNorm, GroupNorm and InstanceNorm have it too.
     """
 
     epsilon: float = 1e-6
@@ -79,6 +82,7 @@ class LayerNorm(_Shell):
     axis_index_groups: Any = None
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
+    scale_plus_one: bool = dataclasses.field(default=False, kw_only=True)
 
     @nn.compact
     def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
@@ -122,6 +126,7 @@ class RMSNorm(_Shell):
     force_float32_reductions: bool = True
     use_bias: bool = dataclasses.field(default=False, kw_only=True)
     bias_init: Initializer = dataclasses.field(default=initializers.zeros, kw_only=True)
+    scale_plus_one: bool = dataclasses.field(default=False, kw_only=True)
 
     @nn.compact
     def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
@@ -177,6 +182,7 @@ class GroupNorm(_Shell):
     axis_index_groups: Any = None
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
+    scale_plus_one: bool = dataclasses.field(default=False, kw_only=True)
 
     @nn.compact
     def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
@@ -230,6 +236,7 @@ class InstanceNorm(_Shell):
     track_running_stats: bool = dataclasses.field(default=False, kw_only=True)
     use_running_average: bool | None = dataclasses.field(default=None, kw_only=True)
     momentum: float = dataclasses.field(default=0.99, kw_only=True)
+    scale_plus_one: bool = dataclasses.field(default=False, kw_only=True)
 
     @nn.compact
     def __call__(

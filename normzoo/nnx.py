@@ -80,6 +80,19 @@ def _param(use: bool, init: Any, rngs: nnx.Rngs, shape: tuple[int, ...], dtype: 
     return nnx.Param(init(rngs.params(), shape, dtype), **metadata)
 
 
+def _scale(use: bool, init: Any, plus_one: bool, rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any,
+           metadata: Mapping[str, Any]):
+    """``scale`` (:func:`_param`) and the ``scale_plus_one`` setting: with it the parameter is the
+    offset ``gamma - 1``, initialized at 0 where ``init`` is left at its default (ones)."""
+    init = initializers.zeros_init() if plus_one and init is initializers.ones_init() else init
+    return _param(use, init, rngs, shape, dtype, metadata), plus_one
+
+
+def _plus_one(scale: Array | None, plus_one: bool) -> Array | None:
+    """The scale that multiplies: ``1 + scale`` for a layer with ``scale_plus_one``."""
+    return 1 + scale if plus_one and scale is not None else scale
+
+
 def _value(variable: nnx.Variable | None) -> Array | None:
     return None if variable is None else variable[...]
 
@@ -123,6 +136,7 @@ class _BatchNorm(_RunningAverage):
     if TYPE_CHECKING:  # what each layer's __init__ sets, for the type checker
         mean: nnx.BatchStat
         scale: Any
+        scale_plus_one: bool
         bias: Any
         dtype: Any
         promote_dtype: Any
@@ -157,7 +171,7 @@ class _BatchNorm(_RunningAverage):
         stored = (_value(self.mean), _value(getattr(self, "var", None)))
         x, mean, var, scale, bias = self.promote_dtype(
             (x, *stored, _value(self.scale), _value(self.bias)), dtype=self.dtype)
-        return training, x, stored if training else (mean, var), scale, bias
+        return training, x, stored if training else (mean, var), _plus_one(scale, self.scale_plus_one), bias
 
     def _options(self, mask: Array | None) -> dict[str, Any]:
         return dict(momentum=self.momentum, epsilon=self.epsilon, axis=self.axis, mask=mask,
@@ -219,6 +233,8 @@ class BatchNorm(_BatchNorm):
       num_features: the number of channels (the size of ``axis``; a tuple of sizes for a
         tuple of axes).
       virtual_batch_size: (normzoo) ghost batch size, as :class:`normzoo.BatchNorm`.
+      scale_plus_one: (normzoo) the scale stored as an offset from 1, as
+        :class:`normzoo.BatchNorm` (every layer here with a ``scale`` has it).
     """
 
     def __init__(
@@ -243,11 +259,13 @@ class BatchNorm(_BatchNorm):
         bias_metadata: Mapping[str, Any] = MappingProxyType({}),
         scale_metadata: Mapping[str, Any] = MappingProxyType({}),
         virtual_batch_size: int | None = None,
+        scale_plus_one: bool = False,
     ):
         shape = _shape(num_features, axis, "BatchNorm")
         self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
         self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
-        self.scale = _param(use_scale, scale_init, rngs, shape, param_dtype, scale_metadata)
+        self.scale, self.scale_plus_one = _scale(use_scale, scale_init, scale_plus_one, rngs, shape, param_dtype,
+                                                 scale_metadata)
         self.bias = _param(use_bias, bias_init, rngs, shape, param_dtype, bias_metadata)
         self._configure(num_features, use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias,
                         use_scale, axis_name, axis_index_groups, use_fast_variance, promote_dtype, virtual_batch_size)
@@ -306,13 +324,15 @@ class BatchRenorm(_BatchNorm):
         d_max: float = 5.0,
         warmup_steps: int = 5000,
         warmup_schedule: str = "linear",
+        scale_plus_one: bool = False,
     ):
         F._check_renorm(r_max, d_max, warmup_steps, warmup_schedule, "BatchRenorm")
         shape = _shape(num_features, axis, "BatchRenorm")
         self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
         self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
         self.steps = nnx.BatchStat(jnp.zeros((), jnp.int32))
-        self.scale = _param(use_scale, scale_init, rngs, shape, param_dtype, scale_metadata)
+        self.scale, self.scale_plus_one = _scale(use_scale, scale_init, scale_plus_one, rngs, shape, param_dtype,
+                                                 scale_metadata)
         self.bias = _param(use_bias, bias_init, rngs, shape, param_dtype, bias_metadata)
         self._configure(num_features, use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias,
                         use_scale, axis_name, axis_index_groups, use_fast_variance, promote_dtype, virtual_batch_size)
@@ -368,10 +388,12 @@ class MeanOnlyBatchNorm(_BatchNorm):
         bias_metadata: Mapping[str, Any] = MappingProxyType({}),
         scale_metadata: Mapping[str, Any] = MappingProxyType({}),
         virtual_batch_size: int | None = None,
+        scale_plus_one: bool = False,
     ):
         shape = _shape(num_features, axis, "MeanOnlyBatchNorm")
         self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
-        self.scale = _param(use_scale, scale_init, rngs, shape, param_dtype, scale_metadata)
+        self.scale, self.scale_plus_one = _scale(use_scale, scale_init, scale_plus_one, rngs, shape, param_dtype,
+                                                 scale_metadata)
         self.bias = _param(use_bias, bias_init, rngs, shape, param_dtype, bias_metadata)
         self._configure(num_features, use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias,
                         use_scale, axis_name, axis_index_groups, use_fast_variance, promote_dtype, virtual_batch_size)
@@ -424,12 +446,14 @@ class LpBatchNorm(_BatchNorm):
         scale_metadata: Mapping[str, Any] = MappingProxyType({}),
         virtual_batch_size: int | None = None,
         p: float | str = 2,
+        scale_plus_one: bool = False,
     ):
         F._lp_order(p, "LpBatchNorm")
         shape = _shape(num_features, axis, "LpBatchNorm")
         self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
         self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
-        self.scale = _param(use_scale, scale_init, rngs, shape, param_dtype, scale_metadata)
+        self.scale, self.scale_plus_one = _scale(use_scale, scale_init, scale_plus_one, rngs, shape, param_dtype,
+                                                 scale_metadata)
         self.bias = _param(use_bias, bias_init, rngs, shape, param_dtype, bias_metadata)
         self._configure(num_features, use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias,
                         use_scale, axis_name, axis_index_groups, use_fast_variance, promote_dtype, virtual_batch_size)
@@ -492,12 +516,14 @@ class NoisyBatchNorm(_BatchNorm):
         scale_range: tuple[float, float] = (1.0, 1.25),
         noise_width: float = 0.1,
         rng_collection: str = "noise",
+        scale_plus_one: bool = False,
     ):
         F._check_noise(shift_range, scale_range, noise_width, "NoisyBatchNorm")
         shape = _shape(num_features, axis, "NoisyBatchNorm")
         self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
         self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
-        self.scale = _param(use_scale, scale_init, rngs, shape, param_dtype, scale_metadata)
+        self.scale, self.scale_plus_one = _scale(use_scale, scale_init, scale_plus_one, rngs, shape, param_dtype,
+                                                 scale_metadata)
         self.bias = _param(use_bias, bias_init, rngs, shape, param_dtype, bias_metadata)
         self._configure(num_features, use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias,
                         use_scale, axis_name, axis_index_groups, use_fast_variance, promote_dtype, virtual_batch_size)
@@ -525,6 +551,7 @@ class _PerSample(nnx.Module):
 
     if TYPE_CHECKING:  # what each layer's __init__ sets, for the type checker
         scale: Any
+        scale_plus_one: bool
         bias: Any
         dtype: Any
         promote_dtype: Any
@@ -533,7 +560,8 @@ class _PerSample(nnx.Module):
         axis_index_groups: Any
 
     def _promoted(self, x: Array) -> tuple[Array, Array | None, Array | None]:
-        return self.promote_dtype((x, _value(self.scale), _value(self.bias)), dtype=self.dtype)
+        x, scale, bias = self.promote_dtype((x, _value(self.scale), _value(self.bias)), dtype=self.dtype)
+        return x, _plus_one(scale, self.scale_plus_one), bias
 
     def _options(self, mask: Array | None) -> dict[str, Any]:
         return dict(epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
@@ -592,9 +620,11 @@ class LayerNorm(_PerSample):
         rngs: nnx.Rngs,
         bias_metadata: Mapping[str, Any] = MappingProxyType({}),
         scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+        scale_plus_one: bool = False,
     ):
         shape = _shape(num_features, feature_axes, "LayerNorm")
-        self.scale = _param(use_scale, scale_init, rngs, shape, param_dtype, scale_metadata)
+        self.scale, self.scale_plus_one = _scale(use_scale, scale_init, scale_plus_one, rngs, shape, param_dtype,
+                                                 scale_metadata)
         self.bias = _param(use_bias, bias_init, rngs, shape, param_dtype, bias_metadata)
         self._configure(num_features, epsilon, dtype, param_dtype, use_bias, use_scale, axis_name,
                         axis_index_groups, use_fast_variance, promote_dtype)
@@ -648,9 +678,11 @@ class RMSNorm(_PerSample):
         use_bias: bool = False,
         bias_init: Any = initializers.zeros_init(),
         bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        scale_plus_one: bool = False,
     ):
         shape = _shape(num_features, feature_axes, "RMSNorm")
-        self.scale = _param(use_scale, scale_init, rngs, shape, param_dtype, scale_metadata)
+        self.scale, self.scale_plus_one = _scale(use_scale, scale_init, scale_plus_one, rngs, shape, param_dtype,
+                                                 scale_metadata)
         self.bias = _param(use_bias, bias_init, rngs, shape, param_dtype, bias_metadata)
         self._configure(num_features, epsilon, dtype, param_dtype, use_bias, use_scale, axis_name,
                         axis_index_groups, use_fast_variance, promote_dtype)
@@ -664,6 +696,7 @@ class RMSNorm(_PerSample):
             x, scale, bias = self._promoted(x)
         else:  # flax.nnx.RMSNorm promotes (x, scale): a custom promote_dtype sees its tuple
             (x, scale), bias = self.promote_dtype((x, _value(self.scale)), dtype=self.dtype), None
+            scale = _plus_one(scale, self.scale_plus_one)
         layer = type(self).__name__
         reduction_axes = _stats.canonicalize_axes(x.ndim, self.reduction_axes, argument="reduction_axes", layer=layer)
         feature_axes = _stats.canonicalize_axes(x.ndim, self.feature_axes, argument="feature_axes", layer=layer)
@@ -710,12 +743,14 @@ class GroupNorm(_PerSample):
         rngs: nnx.Rngs,
         bias_metadata: Mapping[str, Any] = MappingProxyType({}),
         scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+        scale_plus_one: bool = False,
     ):
         # As flax.nnx: both counts kept, computed and checked here.
         self.feature_axis = -1
         self.num_groups = F._groups(num_features, num_groups, group_size, "GroupNorm")
         self.group_size = num_features // self.num_groups
-        self.scale = _param(use_scale, scale_init, rngs, (num_features,), param_dtype, scale_metadata)
+        self.scale, self.scale_plus_one = _scale(use_scale, scale_init, scale_plus_one, rngs, (num_features,), param_dtype,
+                                                 scale_metadata)
         self.bias = _param(use_bias, bias_init, rngs, (num_features,), param_dtype, bias_metadata)
         self._configure(num_features, epsilon, dtype, param_dtype, use_bias, use_scale, axis_name,
                         axis_index_groups, use_fast_variance, promote_dtype)
@@ -769,12 +804,14 @@ class InstanceNorm(_PerSample, _RunningAverage):
         track_running_stats: bool = False,
         use_running_average: bool | None = False,
         momentum: float = 0.99,
+        scale_plus_one: bool = False,
     ):
         shape = _shape(num_features, feature_axes, "InstanceNorm")
         if track_running_stats:
             self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
             self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
-        self.scale = _param(use_scale, scale_init, rngs, shape, param_dtype, scale_metadata)
+        self.scale, self.scale_plus_one = _scale(use_scale, scale_init, scale_plus_one, rngs, shape, param_dtype,
+                                                 scale_metadata)
         self.bias = _param(use_bias, bias_init, rngs, shape, param_dtype, bias_metadata)
         self._configure(num_features, epsilon, dtype, param_dtype, use_bias, use_scale, axis_name,
                         axis_index_groups, use_fast_variance, promote_dtype)
@@ -844,6 +881,7 @@ class IBN(nnx.Module):
         scale_metadata: Mapping[str, Any] = MappingProxyType({}),
         virtual_batch_size: int | None = None,
         ratio: float = 0.5,
+        scale_plus_one: bool = False,
     ):
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(
@@ -854,7 +892,7 @@ class IBN(nnx.Module):
         shared = dict(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, use_bias=use_bias,
                       use_scale=use_scale, bias_init=bias_init, scale_init=scale_init,
                       promote_dtype=promote_dtype, rngs=rngs, bias_metadata=bias_metadata,
-                      scale_metadata=scale_metadata)
+                      scale_metadata=scale_metadata, scale_plus_one=scale_plus_one)
         # Built in the linen layer's order (IN first), so parameter keys are drawn alike.
         self.IN = nnx.data(InstanceNorm(k, feature_axes=axis, **shared) if k > 0 else None)
         self.BN = nnx.data(BatchNorm(

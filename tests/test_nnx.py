@@ -27,11 +27,11 @@ PAIRS = {
     "InstanceNorm": ({}, (3, 4, 4, 5)),
 }
 NORMZOO_ONLY_ARGUMENTS = {
-    "BatchNorm": ["virtual_batch_size"],
-    "LayerNorm": [],
-    "GroupNorm": [],
-    "RMSNorm": ["use_bias", "bias_init", "bias_metadata"],
-    "InstanceNorm": ["track_running_stats", "use_running_average", "momentum"],
+    "BatchNorm": ["virtual_batch_size", "scale_plus_one"],
+    "LayerNorm": ["scale_plus_one"],
+    "GroupNorm": ["scale_plus_one"],
+    "RMSNorm": ["use_bias", "bias_init", "bias_metadata", "scale_plus_one"],
+    "InstanceNorm": ["track_running_stats", "use_running_average", "momentum", "scale_plus_one"],
 }
 
 
