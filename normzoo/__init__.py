@@ -1,7 +1,8 @@
 """normzoo: normalization layers for Flax, numerically safe and synced across devices."""
 
-from normzoo._batch import BatchNorm, BatchRenorm, LpBatchNorm, MeanOnlyBatchNorm, NoisyBatchNorm
+from normzoo._batch import BatchNorm, BatchRenorm, FrozenBatchNorm, LpBatchNorm, MeanOnlyBatchNorm, NoisyBatchNorm
 from normzoo._composite import IBN
+from normzoo._freeze import batch_norm_mask, freeze_batch_norm
 from normzoo._registry import Identity, Normalizer, available, make
 from normzoo._sample import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from normzoo._stats import moments, sync_batch_stats
@@ -15,6 +16,7 @@ __all__ = [
     "BatchRenorm",
     "CosineConv",
     "CosineDense",
+    "FrozenBatchNorm",
     "GroupNorm",
     "IBN",
     "Identity",
@@ -28,6 +30,8 @@ __all__ = [
     "WeightNormConv",
     "WeightNormDense",
     "available",
+    "batch_norm_mask",
+    "freeze_batch_norm",
     "functional",
     "make",
     "moments",

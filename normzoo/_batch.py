@@ -305,6 +305,68 @@ class BatchRenorm(_BatchFields):
         return amap
 
 
+class FrozenBatchNorm(_Mapped):
+    r"""Frozen batch normalization: fixed statistics and affine, for fine-tuning (torchvision's
+    ``FrozenBatchNorm2d``, timm's ``freeze_batch_norm_2d``, the detection backbones).
+
+    .. math:: y = \gamma \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta
+
+    with the stored running statistics :math:`\mu, \sigma^2` in training as at inference,
+    nothing updated, and no gradient to :math:`\mu, \sigma^2, \gamma, \beta`. Its fields,
+    call arguments and variables are :class:`BatchNorm`'s (``params/{scale,bias}``,
+    ``batch_stats/{mean,var}``), so a trained BatchNorm's checkpoint loads unchanged and a
+    model switches to it by its class or by ``normzoo.make("frozen_batch")``;
+    ``use_running_average`` (field or call), ``momentum``, ``axis_name`` and
+    ``axis_index_groups`` are accepted and have no effect. :func:`normzoo.deploy.fold` folds it
+    like BatchNorm. The arithmetic is :func:`normzoo.functional.frozen_batch_norm`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import normzoo
+      >>> x = jax.random.normal(jax.random.key(0), (8, 3)) + 5.0
+      >>> trained = normzoo.BatchNorm(use_running_average=False)
+      >>> variables = trained.init(jax.random.key(1), x)
+      >>> _, updates = trained.apply(variables, x, mutable=["batch_stats"])
+      >>> variables = {**variables, **updates}
+      >>> frozen = normzoo.FrozenBatchNorm(use_running_average=False)
+      >>> y, after = frozen.apply(variables, x, mutable=["batch_stats"])   # "training": nothing moves
+      >>> want = normzoo.BatchNorm(use_running_average=True).apply(variables, x)
+      >>> bool(jnp.allclose(y, want)), jax.tree.all(jax.tree.map(jnp.array_equal, after, {"batch_stats": variables["batch_stats"]}))
+      (True, True)
+
+    Attributes:
+      use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias, use_scale,
+        bias_init, scale_init, axis_name, axis_index_groups, use_fast_variance,
+        force_float32_reductions: :class:`BatchNorm`'s, in flax's order (see above for the
+        ones without effect).
+      scale_plus_one: (keyword-only) as :class:`BatchNorm`.
+    """
+
+    use_running_average: bool | None = None
+    axis: int | tuple[int, ...] = -1
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+    scale_plus_one: bool = dataclasses.field(default=False, kw_only=True)
+
+    @nn.nowrap
+    def _map(self, x: Array, use_running_average: bool | None, mask: Array | None) -> AffineMap:
+        shape = self._features(x)
+        mean, var = self._read(self._running(shape), False)
+        scale, bias = self._affine(shape)
+        return F._frozen_map(x, mean, var, scale, bias, epsilon=self.epsilon, axis=self.axis, dtype=self.dtype,
+                             layer=type(self).__name__)
+
+
 class MeanOnlyBatchNorm(_BatchFields):
     r"""Mean-only batch normalization (Salimans & Kingma 2016, arXiv:1602.07868, sec. 3.2).
 

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from normzoo._batch import BatchNorm, BatchRenorm, LpBatchNorm, MeanOnlyBatchNorm, NoisyBatchNorm
+from normzoo._batch import BatchNorm, BatchRenorm, FrozenBatchNorm, LpBatchNorm, MeanOnlyBatchNorm, NoisyBatchNorm
 from normzoo._composite import IBN
 from normzoo._sample import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from normzoo._weight import CosineConv, CosineDense, WeightNormConv, WeightNormDense
@@ -99,6 +99,9 @@ _TABLE: dict[str, _Entry] = {
     "l1_batch": _Entry(LpBatchNorm, {"p": 1}),
     "l2_batch": _Entry(LpBatchNorm, {"p": 2}),
     "linf_batch": _Entry(LpBatchNorm, {"p": math.inf}),
+    # Fine-tuning: BatchNorm's variables, fixed (statistics never updated, no gradient to them or
+    # to the affine parameters); a trained "batch" checkpoint loads unchanged.
+    "frozen_batch": _Entry(FrozenBatchNorm),
 }
 
 

@@ -39,7 +39,7 @@ from jax.interpreters import ad, batching, mlir
 
 from normzoo import _stats, _weight
 from normzoo import functional as F
-from normzoo._batch import _Mapped
+from normzoo._batch import FrozenBatchNorm, _Mapped
 from normzoo._composite import IBN
 from normzoo._sample import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from normzoo._stats import AffineMap
@@ -177,7 +177,8 @@ def _discover(model, method, kwargs):
             owner.map, owner.dtype = (amap.mean, amap.mul, amap.add), amap.dtype
             return amap
         if name == "__call__" and isinstance(m, (_Mapped, nn.BatchNorm)):
-            given = _inference_flag(m, args, kw, path)
+            # A frozen BatchNorm normalizes by its stored statistics whatever the mode.
+            given = None if isinstance(m, FrozenBatchNorm) else _inference_flag(m, args, kw, path)
             calls.append(_Call(path, m, "ibn" if isinstance(m, IBN) else "batch"))
             call, x = calls[-1], args[0]
             call.rank = jnp.ndim(x)

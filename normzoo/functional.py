@@ -70,6 +70,7 @@ __all__ = [
     "conv",
     "cosine_conv",
     "cosine_dense",
+    "frozen_batch_norm",
     "group_norm",
     "ibn",
     "instance_norm",
@@ -404,6 +405,54 @@ def mean_only_batch_norm(
         **_batch_options(momentum, 0.0, axis, mask, axis_name, axis_index_groups, virtual_batch_size, dtype),
     )
     return amap(x), stats
+
+
+def _frozen_map(x: Array, mean: Array | None, var: Array | None, scale: Array | None, bias: Array | None, *,
+                epsilon: float, axis: Axes, dtype: Any, layer: str) -> AffineMap:
+    """FrozenBatchNorm's map: the inference map of :func:`batch_norm`, with no gradient to the
+    statistics or the affine parameters."""
+    if mean is None or var is None:
+        raise ValueError(
+            f"{layer}: a frozen BatchNorm normalizes by fixed statistics: pass `mean` and `var` (got "
+            f"{'mean=None' if mean is None else 'var=None'})."
+        )
+    fixed = [None if a is None else lax.stop_gradient(a) for a in (mean, var, scale, bias)]
+    amap, _ = _batch_map(x, *fixed, training=False, layer=layer,
+                         **_batch_options(0.99, epsilon, axis, None, None, None, None, dtype))
+    return amap
+
+
+def frozen_batch_norm(
+    x: Array, mean: Array, var: Array, scale: Array | None = None, bias: Array | None = None, *,
+    epsilon: float = 1e-5, axis: Axes = -1, dtype: Any = None,
+) -> Array:
+    r"""Frozen batch normalization: fixed statistics and affine, as torchvision's
+    ``FrozenBatchNorm2d`` (the detection backbones' fine-tuning layer).
+
+    .. math:: y = \mathrm{sg}(\gamma) \frac{x - \mathrm{sg}(\mu)}{\sqrt{\mathrm{sg}(\sigma^2) + \epsilon}} + \mathrm{sg}(\beta)
+
+    with ``mean``, ``var`` the stored running statistics and :math:`\mathrm{sg}` a stop-gradient:
+    :func:`batch_norm` at inference whatever the mode, gradients only to ``x``, nothing updated.
+
+    Args:
+      x: the input.
+      mean, var: the fixed statistics, of the feature shape.
+      scale, bias: ``gamma`` and ``beta`` (None: absent); not trained.
+      epsilon: added to the variance (torchvision's default, 1e-5, is flax's too).
+      axis: the feature axis or axes.
+      dtype: the output dtype.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from normzoo import functional as F
+      >>> x = jnp.array([[1.0, 10.0], [3.0, 30.0]])
+      >>> F.frozen_batch_norm(x, jnp.array([2.0, 20.0]), jnp.array([1.0, 100.0]), epsilon=0.0).tolist()
+      [[-1.0, -1.0], [1.0, 1.0]]
+      >>> jax.grad(lambda s: F.frozen_batch_norm(x, jnp.zeros(2), jnp.ones(2), s).sum())(jnp.ones(2)).tolist()
+      [0.0, 0.0]
+    """
+    return _frozen_map(x, mean, var, scale, bias, epsilon=epsilon, axis=axis, dtype=dtype,
+                       layer="frozen_batch_norm")(x)
 
 
 # --------------------------------------------------------------------------- BatchRenorm

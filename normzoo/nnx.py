@@ -52,7 +52,8 @@ from normzoo._stats import AffineMap
 
 Array = jax.Array
 
-__all__ = ["BatchNorm", "BatchRenorm", "CosineConv", "CosineLinear", "GroupNorm", "IBN", "Identity", "InstanceNorm",
+__all__ = ["BatchNorm", "BatchNormFreeze", "BatchRenorm", "CosineConv", "CosineLinear", "FrozenBatchNorm", "GroupNorm",
+           "IBN", "Identity", "InstanceNorm", "freeze_batch_norm",
            "LayerNorm", "LpBatchNorm", "MeanOnlyBatchNorm", "NoisyBatchNorm", "RMSNorm", "WeightNormConv", "WeightNormLinear", "from_linen",
            "make", "to_linen"]
 
@@ -274,6 +275,69 @@ class BatchNorm(_BatchNorm):
         training, x, (mean, var), scale, bias = self._inputs(x, use_running_average)
         amap, new = F._batch_map(x, mean, var, scale, bias, training=training, **self._options(mask))
         self._store(training, new._asdict())
+        return amap, x
+
+
+class FrozenBatchNorm(_BatchNorm):
+    r"""Frozen batch normalization as an ``nnx.Module``: :class:`normzoo.FrozenBatchNorm`'s twin.
+
+    .. math:: y = \gamma \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta
+
+    with the stored statistics whatever the mode, nothing updated and no gradient to the
+    statistics or the affine parameters. Constructor and variables are :class:`BatchNorm`'s
+    (a BatchNorm's state loads unchanged); ``use_running_average``, ``momentum``,
+    ``axis_name`` and ``axis_index_groups`` are accepted and have no effect. The arithmetic is
+    :func:`normzoo.functional.frozen_batch_norm`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from normzoo import nnx as nznnx
+      >>> bn = nznnx.FrozenBatchNorm(2, rngs=nnx.Rngs(0))
+      >>> bn.mean[...] = jnp.array([1.0, 2.0])
+      >>> bn(jnp.array([[1.0, 3.0]])).round(3).tolist(), bn.mean[...].tolist()
+      ([[0.0, 1.0]], [1.0, 2.0])
+
+    Args: as :class:`BatchNorm` (no ``virtual_batch_size``).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        use_running_average: bool | None = False,
+        axis: int = -1,
+        momentum: float = 0.99,
+        epsilon: float = 1e-5,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Any = initializers.zeros_init(),
+        scale_init: Any = initializers.ones_init(),
+        axis_name: str | None = None,
+        axis_index_groups: Any = None,
+        use_fast_variance: bool = True,
+        promote_dtype: Any = _flax_dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+        scale_plus_one: bool = False,
+    ):
+        shape = _shape(num_features, axis, "FrozenBatchNorm")
+        self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
+        self.scale, self.scale_plus_one = _scale(use_scale, scale_init, scale_plus_one, rngs, shape, param_dtype,
+                                                 scale_metadata)
+        self.bias = _param(use_bias, bias_init, rngs, shape, param_dtype, bias_metadata)
+        self._configure(num_features, use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias,
+                        use_scale, axis_name, axis_index_groups, use_fast_variance, promote_dtype, None)
+
+    def _map(self, x: Array, use_running_average: bool | None, mask: Array | None) -> tuple[AffineMap, Array]:
+        x, mean, var, scale, bias = self.promote_dtype(
+            (x, _value(self.mean), _value(self.var), _value(self.scale), _value(self.bias)), dtype=self.dtype)
+        amap = F._frozen_map(x, mean, var, _plus_one(scale, self.scale_plus_one), bias, epsilon=self.epsilon,
+                             axis=self.axis, dtype=self.dtype, layer=type(self).__name__)
         return amap, x
 
 
@@ -1265,6 +1329,7 @@ def _twins() -> dict:
 
     return {
         _batch.BatchNorm: BatchNorm, _batch.BatchRenorm: BatchRenorm, _batch.MeanOnlyBatchNorm: MeanOnlyBatchNorm,
+        _batch.FrozenBatchNorm: FrozenBatchNorm,
         _batch.LpBatchNorm: LpBatchNorm, _batch.NoisyBatchNorm: NoisyBatchNorm,
         _sample.LayerNorm: LayerNorm, _sample.RMSNorm: RMSNorm, _sample.GroupNorm: GroupNorm,
         _sample.InstanceNorm: InstanceNorm, _composite.IBN: IBN, _registry.Identity: Identity,
@@ -1385,3 +1450,92 @@ def from_linen(module: nnx.Module, variables: Mapping[str, Any]) -> None:
             )
     for key, variable in expected.items():
         variable[...] = jnp.asarray(given[key]).astype(variable[...].dtype)
+
+
+# ----------------------------------------------------------------------------- freezing
+
+
+class BatchNormFreeze:
+    """What :func:`freeze_batch_norm` replaced: ``undo()`` puts the original layers back
+    (idempotent); usable as a context manager."""
+
+    def __init__(self, model: nnx.Module, originals: dict[tuple, nnx.Module]):
+        self._model, self._originals = model, originals
+
+    @property
+    def paths(self) -> list[str]:
+        """The frozen layers' paths in the model, ``'/'``-joined."""
+        return ["/".join(map(str, p)) for p in self._originals]
+
+    def undo(self) -> None:
+        """Puts every original layer back (its variables are the frozen one's: nothing to copy),
+        in the mode it was frozen in: call ``model.train()`` or ``model.eval()`` after it."""
+        for path, original in self._originals.items():
+            _replace(self._model, path, original)
+        self._originals = {}
+
+    def __enter__(self) -> BatchNormFreeze:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.undo()
+
+
+def _replace(model: nnx.Module, path: tuple, new: Any) -> None:
+    parent: Any = model
+    for key in path[:-1]:
+        parent = parent[key] if isinstance(key, int) or not hasattr(parent, str(key)) else getattr(parent, key)
+    if isinstance(path[-1], int) or not hasattr(parent, str(path[-1])):
+        parent[path[-1]] = new
+    else:
+        setattr(parent, path[-1], new)
+
+
+def _frozen_twin(layer: Any) -> FrozenBatchNorm:
+    frozen = FrozenBatchNorm(
+        layer.num_features, axis=layer.axis, epsilon=layer.epsilon, dtype=layer.dtype,
+        param_dtype=layer.param_dtype, use_bias=layer.use_bias, use_scale=layer.use_scale,
+        promote_dtype=layer.promote_dtype, scale_plus_one=getattr(layer, "scale_plus_one", False),
+        rngs=nnx.Rngs(0),
+    )
+    # The same Variable objects, shared, not copied; the others (BatchRenorm's steps) ride along
+    # unused, so that the model's state keeps its structure (checkpoints load either way).
+    for name, value in vars(layer).items():
+        if name in ("mean", "var", "scale", "bias") or isinstance(value, nnx.Variable):
+            setattr(frozen, name, value)
+    return frozen
+
+
+def freeze_batch_norm(model: nnx.Module) -> BatchNormFreeze:
+    r"""Replaces, in place, every batch normalizer of ``model`` by a :class:`FrozenBatchNorm`
+    holding the same variables: by its stored statistics whatever the mode
+    (``model.train()`` included), updating nothing, with no gradient to its statistics, ``scale``
+    or ``bias``. For fine-tuning, as torchvision's ``FrozenBatchNorm2d`` swap and timm's
+    ``freeze_batch_norm_2d``; the returned object's ``undo()`` is the reverse.
+
+    .. math:: y = \mathrm{sg}(\gamma) \frac{x - \mathrm{sg}(\mu)}{\sqrt{\mathrm{sg}(\sigma^2) + \epsilon}} + \mathrm{sg}(\beta)
+
+    Covers ``flax.nnx.BatchNorm`` and normzoo's BatchNorm, BatchRenorm, LpBatchNorm,
+    NoisyBatchNorm and IBN's batch part (not the model itself: freeze the model that holds it).
+    The frozen parameters get zero gradients, but an optimizer's weight decay would still move
+    them: leave them out of its ``wrt`` filter (their paths are ``.paths``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from normzoo import nnx as nznnx
+      >>> model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.BatchNorm(4, rngs=nnx.Rngs(0)))
+      >>> freeze = nznnx.freeze_batch_norm(model)
+      >>> freeze.paths, type(model.layers[1]).__name__
+      (['layers/1'], 'FrozenBatchNorm')
+      >>> y = model(jnp.ones((2, 3)))                  # training mode: the stored statistics, unchanged
+      >>> freeze.undo(); type(model.layers[1]).__name__
+      'BatchNorm'
+    """
+    batch = (nnx.BatchNorm, BatchNorm, BatchRenorm, LpBatchNorm, NoisyBatchNorm)
+    originals: dict[tuple, nnx.Module] = {
+        tuple(path): node for path, node in nnx.iter_graph(model)
+        if isinstance(node, batch) and not isinstance(node, FrozenBatchNorm) and path}
+    for path, layer in originals.items():
+        _replace(model, path, _frozen_twin(layer))
+    return BatchNormFreeze(model, originals)

@@ -9,7 +9,7 @@ import normzoo
 from tests.conftest import some_slow
 
 NAMES = ["batch", "batch_renorm", "instance", "layer", "group", "rms", "weight", "cosine", "ibn", "none",
-         "noisy_batch", "l1_batch", "l2_batch", "linf_batch"]
+         "noisy_batch", "l1_batch", "l2_batch", "linf_batch", "frozen_batch"]
 
 
 def test_available_lists_every_name():
@@ -22,6 +22,7 @@ def test_available_lists_every_name():
     ("group", normzoo.GroupNorm, nn.Conv), ("rms", normzoo.RMSNorm, nn.Conv),
     ("weight", normzoo.Identity, normzoo.WeightNormConv), ("cosine", normzoo.Identity, normzoo.CosineConv),
     ("ibn", normzoo.IBN, nn.Conv), ("none", normzoo.Identity, nn.Conv),
+    ("frozen_batch", normzoo.FrozenBatchNorm, nn.Conv),
 ])
 def test_make_returns_the_right_layers(name, norm_cls, conv_cls):
     spec = normzoo.make(name)
@@ -89,6 +90,7 @@ def test_batch_statistics_property_says_whether_other_examples_matter(name):
     y_all, _ = layer.apply(v, x, mutable=["batch_stats"], rngs=rngs)
     y_one, _ = layer.apply(v, x[:2], mutable=["batch_stats"], rngs=rngs)
     depends = not np.allclose(y_all[:2], y_one, atol=1e-6)
-    assert spec.batch_statistics == depends == ("batch_stats" in v)
+    # frozen_batch keeps BatchNorm's variables, fixed: its output never depends on the batch.
+    assert spec.batch_statistics == depends == ("batch_stats" in v and name != "frozen_batch")
     weight = normzoo.make("weight", mean_only_bn=True)
     assert weight.batch_statistics and not weight.is_identity

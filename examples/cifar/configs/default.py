@@ -9,8 +9,10 @@ import ml_collections
 import normzoo
 
 # The comparison: every registry name except the analysis variants of Santurkar et al. (noisy and
-# Lp BatchNorm), which examples/santurkar compares on its own terms.
-NORMS = tuple(n for n in normzoo.available() if n not in ("noisy_batch", "l1_batch", "l2_batch", "linf_batch"))
+# Lp BatchNorm), which examples/santurkar compares on its own terms, and frozen BatchNorm, a
+# fine-tuning layer (trained from scratch its statistics stay at their initial values).
+NORMS = tuple(n for n in normzoo.available()
+              if n not in ("noisy_batch", "l1_batch", "l2_batch", "linf_batch", "frozen_batch"))
 # Training speed of each name in the smoke preset (images/s, 2 CPU cores, examples/cifar/README.md):
 # the comparison starts the slowest first, so that two parallel workers finish together.
 _SMOKE_IMAGES_PER_S = {"layer": 186, "cosine": 219, "rms": 296, "ibn": 298, "instance": 314, "batch_renorm": 320,
