@@ -7,6 +7,7 @@ from normzoo._registry import Identity, Normalizer, available, make
 from normzoo._sample import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from normzoo._stats import moments, sync_batch_stats
 from normzoo._weight import CosineConv, CosineDense, WeightNormConv, WeightNormDense
+from normzoo._wrap import SpectralNorm, WeightNorm
 from normzoo import functional, sbx  # noqa: E402  (normzoo.sbx.BatchRenorm: drop-in for sbx / CrossQ)
 
 __version__ = "0.2.0"
@@ -27,6 +28,8 @@ __all__ = [
     "NoisyBatchNorm",
     "Normalizer",
     "RMSNorm",
+    "SpectralNorm",
+    "WeightNorm",
     "WeightNormConv",
     "WeightNormDense",
     "available",

@@ -65,6 +65,7 @@ Axes = int | Sequence[int]
 __all__ = [
     "BatchStats",
     "RenormStats",
+    "SpectralNormOut",
     "batch_norm",
     "batch_renorm",
     "conv",
@@ -80,6 +81,7 @@ __all__ = [
     "moments",
     "noisy_batch_norm",
     "rms_norm",
+    "spectral_norm",
     "sync_batch_stats",
     "tracked_instance_norm",
     "weight_norm",
@@ -1088,22 +1090,28 @@ def ibn(
 # ============================================================================= weight side
 
 
-def _direction(v: Array, epsilon: float, mask: Array | None, dtype: Any) -> Array:
-    """``v / ||v||`` (masked) in ``dtype``, the norm over every axis but the last (the units)."""
+def _direction(v: Array, epsilon: float, mask: Array | None, dtype: Any,
+               feature_axes: tuple[int, ...] | None = None) -> Array:
+    """``v / ||v||`` (masked) in ``dtype``, the norm over every axis but ``feature_axes`` (default:
+    the last, the units)."""
     vf = jnp.asarray(v, dtype) if mask is None else jnp.asarray(v, dtype) * mask
-    axes = tuple(range(vf.ndim - 1))
+    kept = (vf.ndim - 1,) if feature_axes is None else feature_axes
+    axes = tuple(a for a in range(vf.ndim) if a not in kept)
     return vf * lax.rsqrt(jnp.sum(_stats.abs_sq(vf), axes, keepdims=True) + epsilon)
 
 
-def weight_norm(v: Array, g: Array, *, epsilon: float = 1e-12, mask: Array | None = None, dtype: Any = None) -> Array:
+def weight_norm(v: Array, g: Array, *, epsilon: float = 1e-12, mask: Array | None = None, dtype: Any = None,
+                feature_axes: Axes = -1) -> Array:
     r"""The weight-normalized kernel (Salimans & Kingma 2016, arXiv:1602.07868).
 
     .. math:: w = g \frac{v}{\lVert v \rVert}
 
-    with ``||v||`` the norm of each output unit's weights: over every axis of ``v`` but the
-    last (a Dense kernel's input axis; a convolution's spatial and input axes), of ``v * mask``
-    with ``mask``. Computed in at least float32 (``dtype`` raises it); use the result as any
-    kernel, e.g. ``x @ weight_norm(v, g) + b`` or :func:`conv`.
+    with ``||v||`` the norm over every axis of ``v`` but ``feature_axes`` (default: the last, a
+    Dense kernel's output units, so over a convolution's spatial and input axes), of
+    ``v * mask`` with ``mask``; ``g`` has the feature axes' sizes (``()`` for
+    ``feature_axes=()`` or None: one norm over all of ``v``). Computed in at least float32
+    (``dtype`` raises it); use the result as any kernel, e.g. ``x @ weight_norm(v, g) + b`` or
+    :func:`conv`.
 
     Example:
       >>> import jax.numpy as jnp
@@ -1111,10 +1119,13 @@ def weight_norm(v: Array, g: Array, *, epsilon: float = 1e-12, mask: Array | Non
       >>> F.weight_norm(jnp.array([[3.0, 1.0], [4.0, 0.0]]), jnp.array([10.0, 2.0])).tolist()
       [[6.0, 2.0], [8.0, 0.0]]
     """
-    if jnp.shape(g) != jnp.shape(v)[-1:]:
+    axes = () if feature_axes is None else _stats.canonicalize_axes(
+        jnp.ndim(v), feature_axes, argument="feature_axes", layer="weight_norm")
+    want = tuple(jnp.shape(v)[a] for a in axes)
+    if jnp.shape(g) != want:
         raise ValueError(
             f"weight_norm: `g` has shape {tuple(jnp.shape(g))}, but `v` of shape {tuple(jnp.shape(v))} has "
-            f"{jnp.shape(v)[-1]} units (its last axis); give g the shape {tuple(jnp.shape(v)[-1:])}."
+            f"{want} along feature_axes={feature_axes!r}; give g the shape {want}."
         )
     if mask is not None and jnp.shape(mask) != jnp.shape(v):
         raise ValueError(
@@ -1122,7 +1133,89 @@ def weight_norm(v: Array, g: Array, *, epsilon: float = 1e-12, mask: Array | Non
             "give the mask the kernel's shape."
         )
     dt = _stats.stats_dtype(jnp.result_type(v) if dtype is None else dtype)
-    return _direction(v, epsilon, mask, dt) * jnp.asarray(g, dt)
+    view = [1] * jnp.ndim(v)
+    for a, n in zip(axes, want):
+        view[a] = n
+    return _direction(v, epsilon, mask, dt, axes) * jnp.reshape(jnp.asarray(g, dt), view)
+
+
+class SpectralNormOut(NamedTuple):
+    """:func:`spectral_norm`'s result: the normalized kernel, the new power-iteration vector and
+    the estimated largest singular value."""
+
+    kernel: Array
+    u: Array
+    sigma: Array
+
+
+def _l2_normalize(x: Array, epsilon: float) -> Array:
+    return x * lax.rsqrt(jnp.sum(x * x) + epsilon)
+
+
+def spectral_norm(
+    kernel: Array, u: Array, *, n_steps: int = 1, epsilon: float = 1e-12, dtype: Any = None,
+    error_on_non_matrix: bool = False, exact: bool = False, layer: str = "spectral_norm",
+) -> SpectralNormOut:
+    r"""Spectral normalization of a kernel (Miyato et al. 2018, arXiv:1802.05957).
+
+    .. math:: \bar W = W / \sigma(W), \qquad \sigma(W) \approx v^\top W u
+
+    with ``W`` the kernel as a matrix (every axis but the last flattened, e.g. a convolution's
+    ``(kh * kw * in, out)``) and ``u`` (shape ``(1, out)``) refined by ``n_steps`` power
+    iterations ``v = l2n(u W^T), u = l2n(v W)``, ``l2n(a) = a / sqrt(|a|^2 + epsilon)``, no
+    gradient through ``u`` or ``v`` (flax.linen.SpectralNorm's arithmetic). ``exact=True``
+    takes :math:`\sigma` as the largest singular value (an SVD: small kernels) and still
+    returns the iterated ``u``. A zero ``sigma`` leaves the kernel as it is. The result has the
+    kernel's shape, in the promotion of the kernel's, ``u``'s and float32 (``dtype`` overrides).
+
+    Args:
+      kernel: at least 2-D; more axes are flattened into the first unless
+        ``error_on_non_matrix``, which raises for them.
+      u: the power-iteration vector, ``(1, out)``.
+      n_steps: power iterations, at least 1.
+      epsilon: added inside the square roots of the normalizations.
+      dtype: the result's dtype.
+
+    Returns:
+      ``SpectralNormOut(kernel, u, sigma)``: feed ``u`` back in at the next step.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from normzoo import functional as F
+      >>> out = F.spectral_norm(jnp.diag(jnp.array([3.0, 1.0])), jnp.ones((1, 2)), n_steps=20)
+      >>> round(float(out.sigma), 4), [[round(float(w), 4) for w in row] for row in out.kernel]
+      (3.0, [[1.0, 0.0], [0.0, 0.3333]])
+    """
+    w = jnp.asarray(kernel)
+    if w.ndim < 2:
+        raise ValueError(f"{layer}: the kernel has shape {w.shape}; spectral normalization needs at least 2 axes.")
+    if w.ndim > 2:
+        if error_on_non_matrix:
+            raise ValueError(
+                f"{layer}: Input is {w.ndim}D but error_on_non_matrix is True (a kernel of shape {w.shape}); "
+                "pass error_on_non_matrix=False to normalize it as a matrix of its last axis."
+            )
+        w = jnp.reshape(w, (-1, w.shape[-1]))
+    if tuple(jnp.shape(u)) != (1, w.shape[-1]):
+        raise ValueError(
+            f"{layer}: u has shape {tuple(jnp.shape(u))}; for a kernel with {w.shape[-1]} outputs (its last "
+            f"axis) it must be {(1, w.shape[-1])}."
+        )
+    if isinstance(n_steps, bool) or not isinstance(n_steps, numbers.Integral) or n_steps < 1:
+        raise ValueError(f"{layer}: n_steps={n_steps!r} must be an int >= 1 (the power iterations).")
+    u0 = jnp.asarray(u)
+    v0 = u0
+    for _ in range(n_steps):
+        v0 = _l2_normalize(jnp.matmul(u0, w.T), epsilon)
+        u0 = _l2_normalize(jnp.matmul(v0, w), epsilon)
+    u0, v0 = lax.stop_gradient(u0), lax.stop_gradient(v0)
+    if exact:
+        sigma = jnp.linalg.norm(jnp.asarray(w, jnp.promote_types(w.dtype, jnp.float32)), 2)
+    else:
+        sigma = jnp.matmul(jnp.matmul(v0, w), u0.T)[0, 0]
+    w_bar = jnp.reshape(w / jnp.where(sigma != 0, sigma, 1), jnp.shape(kernel))
+    out = flax_dtypes.canonicalize_dtype(kernel, u0, v0, sigma, dtype=dtype)
+    return SpectralNormOut(jnp.asarray(w_bar, out), u0, sigma)
 
 
 def _dense(x: Array, kernel: Array, precision: Any = None, dot_general: Any = None) -> Array:

@@ -53,7 +53,7 @@ from normzoo._stats import AffineMap
 Array = jax.Array
 
 __all__ = ["BatchNorm", "BatchNormFreeze", "BatchRenorm", "CosineConv", "CosineLinear", "FrozenBatchNorm", "GroupNorm",
-           "IBN", "Identity", "InstanceNorm", "freeze_batch_norm",
+           "IBN", "Identity", "InstanceNorm", "SpectralNorm", "WeightNorm", "freeze_batch_norm",
            "LayerNorm", "LpBatchNorm", "MeanOnlyBatchNorm", "NoisyBatchNorm", "RMSNorm", "WeightNormConv", "WeightNormLinear", "from_linen",
            "make", "to_linen"]
 
@@ -1450,6 +1450,202 @@ def from_linen(module: nnx.Module, variables: Mapping[str, Any]) -> None:
             )
     for key, variable in expected.items():
         variable[...] = jnp.asarray(given[key]).astype(variable[...].dtype)
+
+
+# ----------------------------------------------------------------------------- wrappers
+
+
+class _Reparameterized(nnx.Module):
+    """Calls ``layer_instance`` with some of its parameters replaced by functions of them, and
+    puts the stored values back afterwards (also when the call raises), so the parameters stay
+    the unnormalized ones (flax.nnx writes the normalized ones into the layer, flax#5576)."""
+
+    if TYPE_CHECKING:
+        layer_instance: nnx.Module
+
+    def _run(self, transformed: dict, call: Callable[[], Any]) -> Any:
+        stored = {path: variable[...] for path, (variable, _) in transformed.items()}
+        try:
+            for variable, value in transformed.values():
+                variable[...] = value
+            return call()
+        finally:
+            for path, (variable, _) in transformed.items():
+                variable[...] = stored[path]
+
+    def _parameters(self, predicate: Callable[[tuple, Any], bool]) -> list[tuple[tuple, nnx.Variable]]:
+        return [(tuple(path), v) for path, v in nnx.to_flat_state(nnx.state(self.layer_instance))
+                if predicate(tuple(path), v)]
+
+
+class SpectralNorm(_Reparameterized, _RunningAverage):
+    r"""Spectral normalization of a layer's weights as an ``nnx.Module``; drop-in for
+    ``flax.nnx.SpectralNorm``.
+
+    .. math:: \bar W = W / \sigma(W)
+
+    for every ``nnx.Param`` of ``layer_instance`` with two or more axes, ``sigma`` by
+    ``n_steps`` power iterations from the stored ``u`` (:func:`normzoo.functional.spectral_norm`,
+    as :class:`normzoo.SpectralNorm`). ``batch_stats`` holds flax.nnx's ``nnx.BatchStat``
+    variables, keyed ``path + ('u',)`` and ``path + ('sigma',)``, drawn alike.
+
+    Where normzoo differs: flax.nnx writes ``W / sigma`` into the wrapped layer's parameter at
+    every call, so the stored weight shrinks call after call and the optimizer updates the
+    normalized copy (flax#5576); here the layer computes with ``W / sigma`` and its parameter
+    keeps ``W``. ``exact=True`` (normzoo): ``sigma`` by SVD.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from normzoo import nnx as nznnx
+      >>> layer = nznnx.SpectralNorm(nnx.Linear(4, 3, rngs=nnx.Rngs(0)), n_steps=10, rngs=nnx.Rngs(1))
+      >>> kernel = layer.layer_instance.kernel[...]
+      >>> y = layer(jnp.ones((2, 4)))
+      >>> bool((layer.layer_instance.kernel[...] == kernel).all())     # never overwritten
+      True
+
+    Args: ``flax.nnx.SpectralNorm``'s, then ``exact`` (normzoo).
+    """
+
+    def __init__(
+        self,
+        layer_instance: nnx.Module,
+        *,
+        n_steps: int = 1,
+        epsilon: float = 1e-12,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        error_on_non_matrix: bool = False,
+        update_stats: bool = True,
+        rngs: nnx.Rngs,
+        exact: bool = False,
+    ):
+        self.layer_instance = layer_instance
+        self.n_steps = n_steps
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.error_on_non_matrix = error_on_non_matrix
+        self.use_running_average = not update_stats
+        self.exact = exact
+        stats: dict = {}
+        for path, param in self._parameters(lambda path, v: isinstance(v, nnx.Param)):
+            shape = param[...].shape
+            if len(shape) <= 1 or n_steps < 1:
+                continue
+            if len(shape) > 2 and error_on_non_matrix:
+                raise ValueError(
+                    f"SpectralNorm: Layer instance parameter is {len(shape)}D but error_on_non_matrix is True "
+                    f"({'/'.join(map(str, path))}, shape {shape}); pass error_on_non_matrix=False to normalize it as "
+                    "a matrix of its last axis."
+                )
+            key = rngs.params()
+            stats[path + ("u",)] = nnx.BatchStat(initializers.normal()(key, (1, shape[-1]), param_dtype))
+            stats[path + ("sigma",)] = nnx.BatchStat(initializers.ones(key, (), param_dtype))
+        self.batch_stats = nnx.data(stats)
+
+    def __call__(self, x: Array, update_stats: bool | None = None) -> Array:
+        """``layer_instance(x)`` with its weights spectrally normalized; ``update_stats`` (else
+        ``not use_running_average``, which ``model.train()`` / ``eval()`` set) stores ``u`` and ``sigma``."""
+        if update_stats is None:
+            update_stats = not self.use_running_average
+        transformed = {}
+        for path, param in self._parameters(lambda path, v: isinstance(v, nnx.Param)):
+            if param[...].ndim <= 1 or self.n_steps < 1:
+                continue
+            u, sigma = self.batch_stats.get(path + ("u",)), self.batch_stats.get(path + ("sigma",))
+            if u is None or sigma is None:
+                raise RuntimeError(
+                    f"SpectralNorm: no u and sigma for the parameter {'/'.join(map(str, path))}: the wrapped "
+                    "layer's parameters changed after the SpectralNorm was built; build it again."
+                )
+            out = F.spectral_norm(param[...], u[...], n_steps=self.n_steps, epsilon=self.epsilon, dtype=self.dtype,
+                                  exact=self.exact, layer="SpectralNorm")
+            if update_stats:
+                u[...], sigma[...] = out.u, out.sigma
+            transformed[path] = (param, out.kernel)
+        return self._run(transformed, lambda: self.layer_instance(x))
+
+
+class WeightNorm(_Reparameterized):
+    r"""Weight normalization of any layer's weights as an ``nnx.Module``; drop-in for
+    ``flax.nnx.WeightNorm``.
+
+    .. math:: w = g \frac{v}{\lVert v \rVert}
+
+    for the variables of ``layer_instance`` that ``variable_filter`` selects (default: paths
+    containing ``'kernel'``), the norm over every axis but ``feature_axes``, ``g`` in
+    ``scales`` keyed by the parameter's path (:func:`normzoo.functional.weight_norm`).
+
+    Where normzoo differs: the scales are ``nnx.Param`` of ``param_dtype`` (flax.nnx keeps raw
+    arrays, which get no gradient and ignore ``param_dtype``: flax#5577), and the wrapped
+    layer's parameter keeps ``v`` (flax.nnx overwrites it with ``g v/||v||`` at every call,
+    flax#5576). ``promote_dtype`` is accepted, as flax's, and not used.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from normzoo import nnx as nznnx
+      >>> layer = nznnx.WeightNorm(nnx.Linear(4, 3, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
+      >>> grads = nnx.grad(lambda m: m(jnp.ones((2, 4))).sum())(layer)
+      >>> sorted(grads.scales), grads.scales[('kernel',)].shape     # the scales learn
+      ([('kernel',)], (3,))
+
+    Args: ``flax.nnx.WeightNorm``'s.
+    """
+
+    def __init__(
+        self,
+        layer_instance: nnx.Module,
+        *,
+        feature_axes: int | Sequence[int] | None = -1,
+        use_scale: bool = True,
+        scale_init: Any = initializers.ones,
+        epsilon: float = 1e-12,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        variable_filter: Any = nnx.PathContains("kernel"),
+        promote_dtype: Any = _flax_dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+    ):
+        self.layer_instance = layer_instance
+        self.feature_axes = () if feature_axes is None else feature_axes
+        self.use_scale = use_scale
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.variable_filter = nnx.filterlib.to_predicate(variable_filter)
+        self.promote_dtype = promote_dtype
+        scales = {}
+        if use_scale:
+            for path, variable in self._parameters(self.variable_filter):
+                scales[path] = nnx.Param(scale_init(rngs.params(), self._feature_shape(variable[...]), param_dtype))
+        self.scales = nnx.data(scales if use_scale else None)
+
+    def _axes(self, value: Array) -> tuple[int, ...]:
+        return _stats.canonicalize_axes(value.ndim, self.feature_axes, argument="feature_axes", layer="WeightNorm")
+
+    def _feature_shape(self, value: Array) -> tuple[int, ...]:
+        return tuple(value.shape[a] for a in self._axes(value))
+
+    def __call__(self, x: Array, *args, **kwargs) -> Array:
+        """``layer_instance(x, *args, **kwargs)`` with the selected weights normalized."""
+        transformed = {}
+        for path, variable in self._parameters(self.variable_filter):
+            value = variable[...]
+            scale, scales = None, self.scales
+            if scales is not None:
+                if path not in scales:
+                    raise RuntimeError(
+                        f"WeightNorm: no scale for the parameter {'/'.join(map(str, path))}: the wrapped layer's "
+                        "parameters changed after the WeightNorm was built; build it again."
+                    )
+                scale = scales[path][...]
+            g = jnp.ones(self._feature_shape(value), value.dtype) if scale is None else scale
+            kernel = F.weight_norm(value, g, epsilon=self.epsilon, feature_axes=self._axes(value))
+            dtype = _flax_dtypes.canonicalize_dtype(*(a for a in (value, scale) if a is not None), dtype=self.dtype)
+            transformed[path] = (variable, jnp.asarray(kernel, dtype))
+        return self._run(transformed, lambda: self.layer_instance(x, *args, **kwargs))
 
 
 # ----------------------------------------------------------------------------- freezing
