@@ -1,10 +1,12 @@
 """normzoo: normalization layers for Flax, numerically safe and synced across devices."""
 
-from normzoo._batch import BatchNorm, BatchRenorm, FrozenBatchNorm, LpBatchNorm, MeanOnlyBatchNorm, NoisyBatchNorm
+from normzoo._batch import (BatchNorm, BatchRenorm, EvoNormB0, FrozenBatchNorm, LpBatchNorm, MeanOnlyBatchNorm,
+                            NoisyBatchNorm)
 from normzoo._composite import IBN
 from normzoo._freeze import batch_norm_mask, freeze_batch_norm
 from normzoo._registry import Identity, Normalizer, available, make
-from normzoo._sample import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
+from normzoo._sample import (EvoNormS0, FilterResponseNorm, GlobalResponseNorm, GroupNorm, InstanceNorm, LayerNorm,
+                             RMSNorm)
 from normzoo._stats import moments, sync_batch_stats
 from normzoo._weight import CosineConv, CosineDense, WeightNormConv, WeightNormDense
 from normzoo._wrap import SpectralNorm, WeightNorm
@@ -17,7 +19,11 @@ __all__ = [
     "BatchRenorm",
     "CosineConv",
     "CosineDense",
+    "EvoNormB0",
+    "EvoNormS0",
+    "FilterResponseNorm",
     "FrozenBatchNorm",
+    "GlobalResponseNorm",
     "GroupNorm",
     "IBN",
     "Identity",

@@ -523,3 +523,72 @@ class LpBatchNorm(BatchNorm):
         amap, new = F._lp_map(x, mean, var, scale, bias, p=self.p, training=not use_ra, **self._options(mask))
         self._store(running, new, x, not use_ra)
         return amap
+
+
+class EvoNormB0(_Shell):
+    r"""EvoNorm-B0 (Liu et al. 2020, arXiv:2004.02967); timm's ``EvoNorm2dB0``, channels last.
+
+    .. math:: y = \gamma \frac{x}{\max\big(\sqrt{\sigma^2_{B,c} + \epsilon},\ v x + \sqrt{\sigma^2_{n,c} + \epsilon}\big)} + \beta
+
+    a normalization-activation layer: the batch's variance per channel (in training; the
+    running ``batch_stats/var`` at inference, synced across ``axis_name`` as BatchNorm's) against
+    each example's own, gated by a learned ``v`` (registry ``evonorm_b0``). The running variance
+    is biased and uses flax's momentum, as :class:`BatchNorm` (timm stores the unbiased one with
+    PyTorch's momentum). The arithmetic is :func:`normzoo.functional.evonorm_b0`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import normzoo
+      >>> x = jax.random.normal(jax.random.key(0), (8, 4, 4, 3)) * 2 + 1e4
+      >>> layer = normzoo.EvoNormB0(use_running_average=False)
+      >>> variables = layer.init(jax.random.key(1), x)
+      >>> y, updates = layer.apply(variables, x, mutable=["batch_stats"])
+      >>> sorted(variables['params']), sorted(updates['batch_stats']), bool(jnp.isfinite(y).all())
+      (['bias', 'scale', 'v'], ['var'], True)
+
+    Attributes:
+      use_running_average: normalize by the running variance (may be given at call time).
+      momentum: decay of the running variance.
+      epsilon: added to both variances (timm's default).
+      dtype, param_dtype, use_bias, use_scale, bias_init, scale_init: as :class:`BatchNorm`.
+      axis_name, axis_index_groups: as :class:`BatchNorm`.
+      use_v: the gate ``v`` and the normalization (timm's ``apply_act``); False: affine only.
+      v_init: its initializer (ones).
+      virtual_batch_size, scale_plus_one: (keyword-only) as :class:`BatchNorm`.
+    """
+
+    use_running_average: bool | None = None
+    momentum: float = 0.99
+    epsilon: float = 1e-3
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_v: bool = True
+    v_init: Initializer = initializers.ones
+    virtual_batch_size: int | None = dataclasses.field(default=None, kw_only=True)
+    scale_plus_one: bool = dataclasses.field(default=False, kw_only=True)
+
+    @nn.compact
+    def __call__(self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None) -> Array:
+        """Applies EvoNorm-B0 to ``x`` (channels last): with the batch's variance (the running
+        one updated) or, if ``use_running_average``, the running one."""
+        use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        if x.ndim < 2:
+            raise ValueError(f"EvoNormB0: x has shape {x.shape}; it needs a batch axis and a channel axis (last).")
+        shape = (x.shape[-1],)
+        running = self._running(shape, names=("var",))
+        scale, bias = self._affine(shape)
+        v = self.param("v", self.v_init, shape, self.param_dtype) if self.use_v else None
+        (var,) = self._read(running, not use_ra)
+        y, new = F._evonorm_b0_map(
+            x, var, scale, bias, v, training=not use_ra, momentum=self.momentum, epsilon=self.epsilon, mask=mask,
+            axis_name=None if self.is_initializing() else self.axis_name, axis_index_groups=self.axis_index_groups,
+            virtual_batch_size=self.virtual_batch_size, dtype=self.dtype, layer="EvoNormB0",
+        )
+        self._store(running, [new], x, not use_ra)
+        return y

@@ -12,9 +12,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from normzoo._batch import BatchNorm, BatchRenorm, FrozenBatchNorm, LpBatchNorm, MeanOnlyBatchNorm, NoisyBatchNorm
+from normzoo._batch import (BatchNorm, BatchRenorm, EvoNormB0, FrozenBatchNorm, LpBatchNorm, MeanOnlyBatchNorm,
+                            NoisyBatchNorm)
 from normzoo._composite import IBN
-from normzoo._sample import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
+from normzoo._sample import (EvoNormS0, FilterResponseNorm, GlobalResponseNorm, GroupNorm, InstanceNorm, LayerNorm,
+                             RMSNorm)
 from normzoo._weight import CosineConv, CosineDense, WeightNormConv, WeightNormDense
 
 Array = jax.Array
@@ -102,6 +104,13 @@ _TABLE: dict[str, _Entry] = {
     # Fine-tuning: BatchNorm's variables, fixed (statistics never updated, no gradient to them or
     # to the affine parameters); a trained "batch" checkpoint loads unchanged.
     "frozen_batch": _Entry(FrozenBatchNorm),
+    # Normalizers ported from PyTorch (timm): FRN with its TLU and EvoNorm-S0/B0 are
+    # normalization-activation layers (the models' ReLU after them stays); GRN (ConvNeXt V2)
+    # starts as the identity. EvoNorm-S0 takes GroupNorm's 4 groups here.
+    "frn": _Entry(FilterResponseNorm),
+    "grn": _Entry(GlobalResponseNorm),
+    "evonorm_s0": _Entry(EvoNormS0, {"num_groups": 4}),
+    "evonorm_b0": _Entry(EvoNormB0),
 }
 
 

@@ -267,3 +267,144 @@ class InstanceNorm(_Shell):
         )
         self._store(running, new, x, training)
         return amap
+
+
+class _ChannelFields(_Shell):
+    """The fields of the channel-wise layers ported from PyTorch (channels last), flax's names."""
+
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+
+    @nn.nowrap
+    def _channels(self, x: Array) -> tuple[int, ...]:
+        if x.ndim < 2:
+            raise ValueError(f"{type(self).__name__}: x has shape {x.shape}; it needs a batch axis and a channel axis "
+                             "(last).")
+        return (x.shape[-1],)
+
+
+class FilterResponseNorm(_ChannelFields):
+    r"""Filter response normalization with the thresholded linear unit (Singh & Krishnan 2020,
+    arXiv:1911.09737); timm's ``FilterResponseNormTlu2d``, channels last.
+
+    .. math:: y = \max\Big(\gamma \frac{x}{\sqrt{\nu^2 + \epsilon}} + \beta,\ \tau\Big), \qquad
+              \nu^2 = \mathrm{E}_{\text{spatial}}[x^2]
+
+    per example and channel, no centring and no batch dependence: a normalization and its
+    activation in one layer (registry ``frn``: use it in place of BatchNorm + ReLU; the
+    registry's models add their ReLU after it, which the TLU makes redundant only where
+    ``tau >= 0``). The arithmetic is :func:`normzoo.functional.filter_response_norm`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import normzoo
+      >>> x = jax.random.normal(jax.random.key(0), (2, 4, 4, 3)) * 5
+      >>> y, v = normzoo.FilterResponseNorm().init_with_output(jax.random.key(1), x)
+      >>> sorted(v['params']), float(y.min()) >= 0.0          # tau starts at 0: a ReLU at init
+      (['bias', 'scale', 'tau'], True)
+
+    Attributes:
+      epsilon: added to the mean square (timm's default; the paper's is 1e-6).
+      dtype, param_dtype, use_bias, use_scale, bias_init, scale_init: as :class:`LayerNorm`.
+      use_tau: the TLU's learned threshold ``tau`` (timm's ``apply_act``); False: no activation.
+      tau_init: its initializer (zeros).
+      scale_plus_one: (keyword-only) as :class:`LayerNorm`.
+    """
+
+    epsilon: float = 1e-5
+    use_tau: bool = True
+    tau_init: Initializer = initializers.zeros
+    scale_plus_one: bool = dataclasses.field(default=False, kw_only=True)
+
+    @nn.compact
+    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+        """Normalizes ``x`` (channels last); ``mask`` selects what enters the mean square."""
+        shape = self._channels(x)
+        scale, bias = self._affine(shape)
+        tau = self.param("tau", self.tau_init, shape, self.param_dtype) if self.use_tau else None
+        return F.filter_response_norm(x, scale, bias, tau, epsilon=self.epsilon, mask=mask, dtype=self.dtype)
+
+
+class GlobalResponseNorm(_ChannelFields):
+    r"""Global response normalization (Woo et al. 2023, ConvNeXt V2, arXiv:2301.00808); timm's
+    ``GlobalResponseNorm``, channels last.
+
+    .. math:: G_{n,c} = \lVert x_{n,\cdot,c} \rVert_2, \quad N_{n,c} = \frac{G_{n,c}}{\mathrm{mean}_c G_{n,c} + \epsilon},
+              \quad y = x + \gamma (x N) + \beta
+
+    Channel competition inside ConvNeXt V2's MLP blocks; ``scale`` and ``bias`` start at zero,
+    so the layer starts as the identity (registry ``grn``). The arithmetic is
+    :func:`normzoo.functional.global_response_norm`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import normzoo
+      >>> x = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
+      >>> y, v = normzoo.GlobalResponseNorm().init_with_output(jax.random.key(1), x)
+      >>> bool(jnp.array_equal(y, x)), v['params']['scale'].tolist()
+      (True, [0.0, 0.0, 0.0])
+
+    Attributes:
+      epsilon: added to the channels' mean norm.
+      dtype, param_dtype, use_bias, use_scale: as :class:`LayerNorm`.
+      bias_init, scale_init: zeros (ConvNeXt V2's).
+      scale_plus_one: (keyword-only) as :class:`LayerNorm` (``scale`` then starts at -1).
+    """
+
+    epsilon: float = 1e-6
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.zeros
+    scale_plus_one: bool = dataclasses.field(default=False, kw_only=True)
+
+    @nn.compact
+    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+        """Applies GRN to ``x`` (channels last); ``mask`` selects what enters the norms."""
+        scale, bias = self._affine(self._channels(x))
+        return F.global_response_norm(x, scale, bias, epsilon=self.epsilon, mask=mask, dtype=self.dtype)
+
+
+class EvoNormS0(_ChannelFields):
+    r"""EvoNorm-S0 (Liu et al. 2020, arXiv:2004.02967); timm's ``EvoNorm2dS0``, channels last.
+
+    .. math:: y = \gamma \frac{x \, \mathrm{sigmoid}(v x)}{\sqrt{\sigma^2_{n,g(c)} + \epsilon}} + \beta
+
+    a normalization-activation layer with GroupNorm's statistics (stable) and a learned
+    Swish-like gate ``v`` per channel; no batch dependence (registry ``evonorm_s0``). The
+    arithmetic is :func:`normzoo.functional.evonorm_s0`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import normzoo
+      >>> x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8)) + 1e4
+      >>> y, v = normzoo.EvoNormS0(num_groups=2).init_with_output(jax.random.key(1), x)
+      >>> sorted(v['params']), bool(jnp.isfinite(y).all())
+      (['bias', 'scale', 'v'], True)
+
+    Attributes:
+      num_groups, group_size: as :class:`GroupNorm` (timm's default: 32 groups).
+      epsilon: added to the group variance.
+      dtype, param_dtype, use_bias, use_scale, bias_init, scale_init: as :class:`LayerNorm`.
+      use_v: the gate ``v`` and the normalization (timm's ``apply_act``); False: affine only.
+      v_init: its initializer (ones).
+      scale_plus_one: (keyword-only) as :class:`LayerNorm`.
+    """
+
+    num_groups: int | None = 32
+    group_size: int | None = None
+    epsilon: float = 1e-5
+    use_v: bool = True
+    v_init: Initializer = initializers.ones
+    scale_plus_one: bool = dataclasses.field(default=False, kw_only=True)
+
+    @nn.compact
+    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+        """Applies EvoNorm-S0 to ``x`` (channels last); ``mask`` selects what enters the statistics."""
+        shape = self._channels(x)
+        scale, bias = self._affine(shape)
+        v = self.param("v", self.v_init, shape, self.param_dtype) if self.use_v else None
+        return F.evonorm_s0(x, scale, bias, v, num_groups=self.num_groups, group_size=self.group_size,
+                            epsilon=self.epsilon, mask=mask, dtype=self.dtype)

@@ -39,9 +39,10 @@ from jax.interpreters import ad, batching, mlir
 
 from normzoo import _stats, _weight
 from normzoo import functional as F
-from normzoo._batch import FrozenBatchNorm, _Mapped
+from normzoo._batch import EvoNormB0, FrozenBatchNorm, _Mapped
 from normzoo._composite import IBN
-from normzoo._sample import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
+from normzoo._sample import (EvoNormS0, FilterResponseNorm, GlobalResponseNorm, GroupNorm, InstanceNorm, LayerNorm,
+                             RMSNorm)
 from normzoo._stats import AffineMap
 from normzoo._torch import Port, from_torch, port_torch, to_torch, torch_activations
 
@@ -66,7 +67,9 @@ _MAX_ERROR = 1e-3  # fold() refuses a result further than this from the model (f
 _PRODUCERS = (nn.Dense, nn.Conv, nn.ConvTranspose, _weight.WeightNormDense, _weight.WeightNormConv)
 _WEIGHT_NORM = (_weight.WeightNormDense, _weight.WeightNormConv)
 _PER_EXAMPLE = (LayerNorm, GroupNorm, InstanceNorm, RMSNorm, _weight.CosineDense, _weight.CosineConv,
-                nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.InstanceNorm)
+                nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.InstanceNorm, FilterResponseNorm, GlobalResponseNorm,
+                EvoNormS0)
+_NONLINEAR = (EvoNormB0,)  # batch statistics, but normalization and activation in one: not an affine map
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +131,7 @@ class Folded:
 class _Call:
     path: tuple[str, ...]
     module: nn.Module
-    role: str  # "producer", "batch" (flax or normzoo, one map), "ibn", "kept"
+    role: str  # "producer", "batch" (flax or normzoo, one map), "ibn", "kept", "nonlinear"
     map: tuple | None = None  # (mean, mul, add) of a batch normalizer, IBN's batch part's
     dtype: Any = None  # the dtype the normalizer (or IBN's batch part) returned
     rank: int = 0  # the normalizer's input rank
@@ -194,6 +197,8 @@ def _discover(model, method, kwargs):
             return amap(x)
         if name == "__call__" and isinstance(m, _PER_EXAMPLE):
             calls.append(_Call(path, m, "kept"))
+        if name == "__call__" and isinstance(m, _NONLINEAR):
+            calls.append(_Call(path, m, "nonlinear"))
         return next_fun(*args, **kw)
 
     def fn(variables, *args):
@@ -395,6 +400,10 @@ def _plan(model, variables, args, method, kwargs):
             continue
         if c.role == "kept":
             decisions.append(_Decision(index, "kept", "per-example statistics: nothing to fold"))
+            continue
+        if c.role == "nonlinear":
+            decisions.append(_Decision(index, "kept", "a normalization-activation layer (not an affine map): "
+                                                      "nothing to fold"))
             continue
         if c.map is None:  # IBN with ratio 1: no batch part
             decisions.append(_Decision(index, "kept", "no batch-statistics part (ratio=1)"))

@@ -71,7 +71,11 @@ __all__ = [
     "conv",
     "cosine_conv",
     "cosine_dense",
+    "evonorm_b0",
+    "evonorm_s0",
+    "filter_response_norm",
     "frozen_batch_norm",
+    "global_response_norm",
     "group_norm",
     "ibn",
     "instance_norm",
@@ -921,6 +925,190 @@ def group_norm(
     return _group_map(x, scale, bias, num_groups=num_groups, group_size=group_size, epsilon=epsilon,
                       reduction_axes=reduction_axes, mask=mask, axis_name=axis_name,
                       axis_index_groups=axis_index_groups, dtype=dtype, layer="group_norm")(x)
+
+
+# --------------------------------------------------------------------------- PyTorch ports: FRN, GRN, EvoNorm
+
+
+def _spatial_axes(x: Array, layer: str) -> tuple[int, ...]:
+    """Every axis but the batch (first) and the channels (last): the per-example statistics of
+    the channel-wise layers ported from PyTorch's NCHW modules (channels last here)."""
+    if x.ndim < 2:
+        raise ValueError(f"{layer}: x has shape {x.shape}; it needs a batch axis and a channel axis (last).")
+    return tuple(range(1, x.ndim - 1))
+
+
+def _output(y: Array, x: Array, *params: Array | None, dtype: Any) -> Array:
+    return jnp.asarray(y, flax_dtypes.canonicalize_dtype(x, *(p for p in params if p is not None), dtype=dtype))
+
+
+def filter_response_norm(
+    x: Array, scale: Array | None = None, bias: Array | None = None, tau: Array | None = None, *,
+    epsilon: float = 1e-5, mask: Array | None = None, dtype: Any = None,
+) -> Array:
+    r"""Filter response normalization with its thresholded linear unit (Singh & Krishnan 2020,
+    arXiv:1911.09737), as timm's ``FilterResponseNormTlu2d``.
+
+    .. math:: y = \max\Big(\gamma \frac{x}{\sqrt{\nu^2 + \epsilon}} + \beta,\ \tau\Big), \qquad
+              \nu^2 = \mathrm{E}_{\text{spatial}}[x^2]
+
+    per example and channel (channels last; ``nu^2`` over every axis but the first and the
+    last, in at least float32). No centring and no batch dependence; ``tau=None`` leaves the TLU
+    out (``FilterResponseNormAct2d`` then applies its own activation).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from normzoo import functional as F
+      >>> x = jnp.array([[[3.0], [-4.0]]])                   # one example, 2 positions, 1 channel
+      >>> [round(float(v), 3) for v in F.filter_response_norm(x, epsilon=0.0).ravel()]
+      [0.849, -1.131]
+      >>> [round(float(v), 3) for v in F.filter_response_norm(x, tau=jnp.zeros(1), epsilon=0.0).ravel()]
+      [0.849, 0.0]
+    """
+    spatial = _spatial_axes(x, "filter_response_norm")
+    _check_features("filter_response_norm", x, (x.ndim - 1,), "the channel axis", tau=tau)
+    y = _sample_map(x, scale, bias, reduction_axes=spatial, feature_axes=(x.ndim - 1,), epsilon=epsilon, mask=mask,
+                    use_mean=False, axis_name=None, axis_index_groups=None, dtype=dtype,
+                    layer="filter_response_norm")(x)
+    return y if tau is None else jnp.maximum(y, jnp.asarray(tau, y.dtype))
+
+
+def _safe_sqrt(a: Array) -> Array:
+    """``sqrt(a)`` with gradient 0, not NaN, where ``a`` is 0 (an all-zero channel)."""
+    positive = a > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, a, 1.0)), 0.0)
+
+
+def global_response_norm(
+    x: Array, scale: Array | None = None, bias: Array | None = None, *, epsilon: float = 1e-6,
+    mask: Array | None = None, dtype: Any = None,
+) -> Array:
+    r"""Global response normalization (Woo et al. 2023, ConvNeXt V2, arXiv:2301.00808), as
+    timm's ``GlobalResponseNorm``.
+
+    .. math:: G_{n,c} = \lVert x_{n,\cdot,c} \rVert_2, \quad N_{n,c} = \frac{G_{n,c}}{\mathrm{mean}_c G_{n,c} + \epsilon},
+              \quad y = x + \gamma (x N) + \beta
+
+    with the L2 norm over every axis but the first and the last (channels last), in at least
+    float32; ``scale`` and ``bias`` start at zero in the layers, so GRN starts as the identity.
+    An all-zero channel has norm 0 and gradient 0 (not NaN).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from normzoo import functional as F
+      >>> x = jnp.array([[[3.0, 0.0], [4.0, 1.0]]])        # channel norms 5 and 1, mean 3
+      >>> [round(float(v), 3) for v in F.global_response_norm(x, jnp.ones(2), epsilon=0.0).ravel()]
+      [8.0, 0.0, 10.667, 1.333]
+    """
+    spatial = _spatial_axes(x, "global_response_norm")
+    _check_features("global_response_norm", x, (x.ndim - 1,), "the channel axis", scale=scale, bias=bias)
+    xs = jnp.asarray(x, _stats.stats_dtype(x.dtype, dtype))
+    checked = _stats.check_mask(mask, x, layer="global_response_norm")
+    xm = xs if checked is None else xs * checked
+    g = _safe_sqrt(jnp.sum(_stats.abs_sq(xm), spatial, keepdims=True))
+    n = g / (jnp.mean(g, -1, keepdims=True) + epsilon)
+    y = xs + (xs * n if scale is None else scale * (xs * n)) + (0 if bias is None else bias)
+    return _output(y, x, scale, bias, dtype=dtype)
+
+
+def evonorm_s0(
+    x: Array, scale: Array | None = None, bias: Array | None = None, v: Array | None = None, *,
+    num_groups: int | None = 32, group_size: int | None = None, epsilon: float = 1e-5,
+    mask: Array | None = None, dtype: Any = None,
+) -> Array:
+    r"""EvoNorm-S0 (Liu et al. 2020, arXiv:2004.02967), as timm's ``EvoNorm2dS0``: a sample-based
+    normalization-activation layer.
+
+    .. math:: y = \gamma \frac{x \, \mathrm{sigmoid}(v x)}{\sqrt{\sigma^2_{n,g(c)} + \epsilon}} + \beta
+
+    with :math:`\sigma^2_{n,g}` the (biased) variance of example ``n``'s group ``g`` of channels
+    over the spatial axes (:func:`group_norm`'s statistics, stable). ``v=None`` leaves the
+    activation and the normalization out (timm's ``apply_act=False``): only the affine map.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from normzoo import functional as F
+      >>> x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8)) + 1e4
+      >>> y = F.evonorm_s0(x, v=jnp.ones(8), num_groups=2)
+      >>> bool(jnp.isfinite(y).all()), y.shape
+      (True, (2, 4, 4, 8))
+    """
+    _check_features("evonorm_s0", x, (x.ndim - 1,), "the channel axis", scale=scale, bias=bias, v=v)
+    xs = jnp.asarray(x, _stats.stats_dtype(x.dtype, dtype))
+    if v is None:
+        y = xs
+    else:
+        spatial = _spatial_axes(x, "evonorm_s0")
+        inv = _group_map(x, None, None, num_groups=num_groups, group_size=group_size, epsilon=epsilon,
+                         reduction_axes=spatial + (-1,), mask=mask, axis_name=None, axis_index_groups=None,
+                         dtype=dtype, layer="evonorm_s0").mul
+        y = xs * jax.nn.sigmoid(v * xs) * inv
+    y = y if scale is None else y * scale
+    y = y if bias is None else y + bias
+    return _output(y, x, scale, bias, v, dtype=dtype)
+
+
+def _evonorm_b0_map(x, var, scale, bias, v, *, training, momentum, epsilon, mask, axis_name, axis_index_groups,
+                    virtual_batch_size, dtype, layer):
+    if not training and var is None:
+        raise ValueError(f"{layer}: training=False normalizes by the running variance, but `var` is None; pass it "
+                         "(or training=True to use the batch's).")
+    _check_features(layer, x, (x.ndim - 1,), "the channel axis", var=var, scale=scale, bias=bias, v=v)
+    xs = jnp.asarray(x, _stats.stats_dtype(x.dtype, dtype))
+    new_var = var
+    if v is None:
+        y = xs
+    else:
+        if training:
+            amap, stats = _batch_map(x, None, var, None, None, training=True, momentum=momentum, epsilon=epsilon,
+                                     axis=-1, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups,
+                                     virtual_batch_size=virtual_batch_size, dtype=dtype, layer=layer)
+            left, new_var = 1.0 / amap.mul, stats.var
+        else:
+            left = jnp.sqrt(jnp.asarray(var, xs.dtype) + epsilon)
+        spatial = _spatial_axes(x, layer)
+        count, _, m2 = _stats.synced_moments(x, spatial, mask=mask, dtype=dtype, layer=layer)
+        _, instance_var = _normalizing_moments(count, _, m2)
+        right = v * xs + jnp.sqrt(jnp.expand_dims(instance_var, spatial) + epsilon)
+        y = xs / jnp.maximum(left, right)
+    y = y if scale is None else y * scale
+    y = y if bias is None else y + bias
+    return _output(y, x, scale, bias, v, dtype=dtype), new_var
+
+
+def evonorm_b0(
+    x: Array, var: Array | None = None, scale: Array | None = None, bias: Array | None = None,
+    v: Array | None = None, *, training: bool, momentum: float = 0.99, epsilon: float = 1e-3,
+    mask: Array | None = None, axis_name: str | None = None, axis_index_groups: Any = None,
+    virtual_batch_size: int | None = None, dtype: Any = None,
+) -> tuple[Array, Array | None]:
+    r"""EvoNorm-B0 (Liu et al. 2020, arXiv:2004.02967), as timm's ``EvoNorm2dB0``: a batch-based
+    normalization-activation layer.
+
+    .. math:: y = \gamma \frac{x}{\max\big(\sqrt{\sigma^2_{B,c} + \epsilon},\ v x + \sqrt{\sigma^2_{n,c} + \epsilon}\big)} + \beta
+
+    with :math:`\sigma^2_{B,c}` the batch's (biased) variance of channel ``c`` over every axis
+    but the last in training (synced across ``axis_name`` like :func:`batch_norm`; the
+    running ``var``, updated ``var = momentum * var + (1 - momentum) * batch``, at inference)
+    and :math:`\sigma^2_{n,c}` example ``n``'s variance over the spatial axes. ``v=None``
+    leaves the normalization out (timm's ``apply_act=False``). Differs from timm in the running
+    variance only: biased and with flax's momentum convention, as :func:`batch_norm` (timm
+    stores the unbiased one, ``momentum`` 0.1 = 1 - 0.9).
+
+    Returns:
+      ``(y, var)``: the output and the new running variance.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from normzoo import functional as F
+      >>> x = jax.random.normal(jax.random.key(0), (8, 4, 4, 3)) * 2
+      >>> y, var = F.evonorm_b0(x, jnp.ones(3), v=jnp.ones(3), training=True, momentum=0.0)
+      >>> bool(jnp.allclose(var, x.var((0, 1, 2)), rtol=1e-5)), y.shape
+      (True, (8, 4, 4, 3))
+    """
+    return _evonorm_b0_map(x, var, scale, bias, v, training=training, momentum=momentum, epsilon=epsilon, mask=mask,
+                           axis_name=axis_name, axis_index_groups=axis_index_groups,
+                           virtual_batch_size=virtual_batch_size, dtype=dtype, layer="evonorm_b0")
 
 
 def _instance_axes(x: Array, feature_axes: Axes, layer: str) -> tuple[tuple[int, ...], tuple[int, ...]]:

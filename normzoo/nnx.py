@@ -52,7 +52,8 @@ from normzoo._stats import AffineMap
 
 Array = jax.Array
 
-__all__ = ["BatchNorm", "BatchNormFreeze", "BatchRenorm", "CosineConv", "CosineLinear", "FrozenBatchNorm", "GroupNorm",
+__all__ = ["BatchNorm", "BatchNormFreeze", "BatchRenorm", "CosineConv", "CosineLinear", "EvoNormB0", "EvoNormS0",
+           "FilterResponseNorm", "FrozenBatchNorm", "GlobalResponseNorm", "GroupNorm",
            "IBN", "Identity", "InstanceNorm", "SpectralNorm", "WeightNorm", "freeze_batch_norm",
            "LayerNorm", "LpBatchNorm", "MeanOnlyBatchNorm", "NoisyBatchNorm", "RMSNorm", "WeightNormConv", "WeightNormLinear", "from_linen",
            "make", "to_linen"]
@@ -1306,6 +1307,182 @@ class CosineConv(_Cosine):
                         scale_init)
 
 
+# ----------------------------------------------------------------------------- ported from PyTorch (timm)
+
+
+class _Channelwise(nnx.Module):
+    """FRN, GRN and EvoNorm: ``scale`` and ``bias`` (and the layer's own parameter) per channel,
+    promoted with ``x`` as flax.nnx's layers promote theirs."""
+
+    if TYPE_CHECKING:
+        scale: Any
+        bias: Any
+        dtype: Any
+        promote_dtype: Any
+        scale_plus_one: bool
+        v: Any
+        tau: Any
+
+    def _configure(self, num_features, scale_init, bias_init, use_scale, use_bias, param_dtype, dtype, promote_dtype,
+                   scale_plus_one, rngs, extra: tuple[str, bool, Any] | None = None):
+        shape = (int(num_features),)
+        self.scale, self.scale_plus_one = _scale(use_scale, scale_init, scale_plus_one, rngs, shape, param_dtype, {})
+        self.bias = _param(use_bias, bias_init, rngs, shape, param_dtype, {})
+        if extra is not None:
+            name, use, init = extra
+            setattr(self, name, _param(use, init, rngs, shape, param_dtype, {}))
+        self.num_features, self.dtype, self.param_dtype = num_features, dtype, param_dtype
+        self.use_scale, self.use_bias, self.promote_dtype = use_scale, use_bias, promote_dtype
+
+    def _promoted(self, x: Array, *others: Any) -> tuple:
+        x, scale, bias, *rest = self.promote_dtype(
+            (x, _value(self.scale), _value(self.bias), *[_value(o) for o in others]), dtype=self.dtype)
+        return (x, _plus_one(scale, self.scale_plus_one), bias, *rest)
+
+
+class FilterResponseNorm(_Channelwise):
+    r"""Filter response normalization with its TLU as an ``nnx.Module``:
+    :class:`normzoo.FilterResponseNorm`'s twin (timm's ``FilterResponseNormTlu2d``, channels last).
+
+    .. math:: y = \max\Big(\gamma \frac{x}{\sqrt{\nu^2 + \epsilon}} + \beta,\ \tau\Big)
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from normzoo import nnx as nznnx
+      >>> y = nznnx.FilterResponseNorm(1, rngs=nnx.Rngs(0))(jnp.array([[[3.0], [-4.0]]]))
+      >>> [round(float(v), 3) for v in y.ravel()]         # x / rms, then max(., tau = 0)
+      [0.849, 0.0]
+
+    Args: ``num_features`` (channels, last axis), then :class:`normzoo.FilterResponseNorm`'s
+    fields as keywords, and ``rngs``.
+    """
+
+    def __init__(self, num_features: int, *, epsilon: float = 1e-5, dtype: Any = None, param_dtype: Any = jnp.float32,
+                 use_bias: bool = True, use_scale: bool = True, bias_init: Any = initializers.zeros_init(),
+                 scale_init: Any = initializers.ones_init(), use_tau: bool = True,
+                 tau_init: Any = initializers.zeros_init(), promote_dtype: Any = _flax_dtypes.promote_dtype,
+                 rngs: nnx.Rngs, scale_plus_one: bool = False):
+        self._configure(num_features, scale_init, bias_init, use_scale, use_bias, param_dtype, dtype, promote_dtype,
+                        scale_plus_one, rngs, ("tau", use_tau, tau_init))
+        self.epsilon, self.use_tau = epsilon, use_tau
+
+    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+        """Normalizes ``x`` (channels last); ``mask`` selects what enters the mean square."""
+        x, scale, bias, tau = self._promoted(x, self.tau)
+        return F.filter_response_norm(x, scale, bias, tau, epsilon=self.epsilon, mask=mask, dtype=self.dtype)
+
+
+class GlobalResponseNorm(_Channelwise):
+    r"""Global response normalization as an ``nnx.Module``: :class:`normzoo.GlobalResponseNorm`'s
+    twin (ConvNeXt V2; timm's ``GlobalResponseNorm``, channels last).
+
+    .. math:: y = x + \gamma (x N) + \beta, \quad N_{n,c} = \frac{\lVert x_{n,\cdot,c} \rVert_2}{\mathrm{mean}_c \lVert x_{n,\cdot,c} \rVert_2 + \epsilon}
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from normzoo import nnx as nznnx
+      >>> x = jnp.ones((1, 2, 3))
+      >>> bool((nznnx.GlobalResponseNorm(3, rngs=nnx.Rngs(0))(x) == x).all())     # the identity at init
+      True
+
+    Args: ``num_features``, then :class:`normzoo.GlobalResponseNorm`'s fields, and ``rngs``.
+    """
+
+    def __init__(self, num_features: int, *, epsilon: float = 1e-6, dtype: Any = None, param_dtype: Any = jnp.float32,
+                 use_bias: bool = True, use_scale: bool = True, bias_init: Any = initializers.zeros_init(),
+                 scale_init: Any = initializers.zeros_init(), promote_dtype: Any = _flax_dtypes.promote_dtype,
+                 rngs: nnx.Rngs, scale_plus_one: bool = False):
+        self._configure(num_features, scale_init, bias_init, use_scale, use_bias, param_dtype, dtype, promote_dtype,
+                        scale_plus_one, rngs)
+        self.epsilon = epsilon
+
+    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+        """Applies GRN to ``x`` (channels last)."""
+        x, scale, bias = self._promoted(x)
+        return F.global_response_norm(x, scale, bias, epsilon=self.epsilon, mask=mask, dtype=self.dtype)
+
+
+class EvoNormS0(_Channelwise):
+    r"""EvoNorm-S0 as an ``nnx.Module``: :class:`normzoo.EvoNormS0`'s twin (timm's ``EvoNorm2dS0``).
+
+    .. math:: y = \gamma \frac{x \, \mathrm{sigmoid}(v x)}{\sqrt{\sigma^2_{n,g(c)} + \epsilon}} + \beta
+
+    Example:
+      >>> import jax
+      >>> from flax import nnx
+      >>> from normzoo import nnx as nznnx
+      >>> nznnx.EvoNormS0(8, num_groups=2, rngs=nnx.Rngs(0))(jax.random.normal(jax.random.key(0), (2, 4, 8))).shape
+      (2, 4, 8)
+
+    Args: ``num_features``, then :class:`normzoo.EvoNormS0`'s fields, and ``rngs``.
+    """
+
+    def __init__(self, num_features: int, *, num_groups: int | None = 32, group_size: int | None = None,
+                 epsilon: float = 1e-5, dtype: Any = None, param_dtype: Any = jnp.float32, use_bias: bool = True,
+                 use_scale: bool = True, bias_init: Any = initializers.zeros_init(),
+                 scale_init: Any = initializers.ones_init(), use_v: bool = True, v_init: Any = initializers.ones_init(),
+                 promote_dtype: Any = _flax_dtypes.promote_dtype, rngs: nnx.Rngs, scale_plus_one: bool = False):
+        self._configure(num_features, scale_init, bias_init, use_scale, use_bias, param_dtype, dtype, promote_dtype,
+                        scale_plus_one, rngs, ("v", use_v, v_init))
+        self.num_groups, self.group_size, self.epsilon, self.use_v = num_groups, group_size, epsilon, use_v
+
+    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+        """Applies EvoNorm-S0 to ``x`` (channels last)."""
+        x, scale, bias, v = self._promoted(x, self.v)
+        return F.evonorm_s0(x, scale, bias, v, num_groups=self.num_groups, group_size=self.group_size,
+                            epsilon=self.epsilon, mask=mask, dtype=self.dtype)
+
+
+class EvoNormB0(_Channelwise, _RunningAverage):
+    r"""EvoNorm-B0 as an ``nnx.Module``: :class:`normzoo.EvoNormB0`'s twin (timm's ``EvoNorm2dB0``),
+    with ``use_running_average`` as flax.nnx.BatchNorm's (``model.train()`` / ``eval()``).
+
+    .. math:: y = \gamma \frac{x}{\max\big(\sqrt{\sigma^2_{B,c} + \epsilon},\ v x + \sqrt{\sigma^2_{n,c} + \epsilon}\big)} + \beta
+
+    Example:
+      >>> import jax
+      >>> from flax import nnx
+      >>> from normzoo import nnx as nznnx
+      >>> layer = nznnx.EvoNormB0(3, rngs=nnx.Rngs(0))
+      >>> y = layer(jax.random.normal(jax.random.key(0), (8, 4, 4, 3)) * 3)
+      >>> bool((layer.var[...] != 1).all())       # the running variance moved
+      True
+
+    Args: ``num_features``, then :class:`normzoo.EvoNormB0`'s fields, and ``rngs``.
+    """
+
+    def __init__(self, num_features: int, *, use_running_average: bool | None = False, momentum: float = 0.99,
+                 epsilon: float = 1e-3, dtype: Any = None, param_dtype: Any = jnp.float32, use_bias: bool = True,
+                 use_scale: bool = True, bias_init: Any = initializers.zeros_init(),
+                 scale_init: Any = initializers.ones_init(), axis_name: str | None = None,
+                 axis_index_groups: Any = None, use_v: bool = True, v_init: Any = initializers.ones_init(),
+                 promote_dtype: Any = _flax_dtypes.promote_dtype, rngs: nnx.Rngs,
+                 virtual_batch_size: int | None = None, scale_plus_one: bool = False):
+        self.var = nnx.BatchStat(jnp.ones((int(num_features),), jnp.float32))
+        self._configure(num_features, scale_init, bias_init, use_scale, use_bias, param_dtype, dtype, promote_dtype,
+                        scale_plus_one, rngs, ("v", use_v, v_init))
+        self.use_running_average, self.momentum, self.epsilon = use_running_average, momentum, epsilon
+        self.axis_name, self.axis_index_groups, self.use_v = axis_name, axis_index_groups, use_v
+        self.virtual_batch_size = virtual_batch_size
+
+    def __call__(self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None) -> Array:
+        """Applies EvoNorm-B0 to ``x``: the batch's variance in training (running one updated),
+        the running one with ``use_running_average`` (the call's value, else the attribute)."""
+        training = not _first_from(use_running_average, self.use_running_average, "EvoNormB0")
+        stored = self.var[...]
+        x, scale, bias, v, var = self._promoted(x, self.v, self.var)
+        y, new = F._evonorm_b0_map(
+            x, stored if training else var, scale, bias, v, training=training, momentum=self.momentum,
+            epsilon=self.epsilon, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+            virtual_batch_size=self.virtual_batch_size, dtype=self.dtype, layer="EvoNormB0",
+        )
+        if training and new is not None:
+            self.var[...] = new
+        return y
+
+
 # ----------------------------------------------------------------------------- registry
 
 
@@ -1329,7 +1506,8 @@ def _twins() -> dict:
 
     return {
         _batch.BatchNorm: BatchNorm, _batch.BatchRenorm: BatchRenorm, _batch.MeanOnlyBatchNorm: MeanOnlyBatchNorm,
-        _batch.FrozenBatchNorm: FrozenBatchNorm,
+        _batch.FrozenBatchNorm: FrozenBatchNorm, _batch.EvoNormB0: EvoNormB0, _sample.EvoNormS0: EvoNormS0,
+        _sample.FilterResponseNorm: FilterResponseNorm, _sample.GlobalResponseNorm: GlobalResponseNorm,
         _batch.LpBatchNorm: LpBatchNorm, _batch.NoisyBatchNorm: NoisyBatchNorm,
         _sample.LayerNorm: LayerNorm, _sample.RMSNorm: RMSNorm, _sample.GroupNorm: GroupNorm,
         _sample.InstanceNorm: InstanceNorm, _composite.IBN: IBN, _registry.Identity: Identity,

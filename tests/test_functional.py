@@ -291,7 +291,8 @@ def test_weight_side_functions_match_their_references():
     (lambda: F.group_norm(jnp.ones((2, 4, 6)), num_groups=4), ValueError,
      r"group_norm: num_groups=4 must be positive and divide the 6 channels of the input \(shape \(2, 4, 6\)\)"),
     (lambda: F.weight_norm(jnp.ones((5, 4)), jnp.ones(5)), ValueError,
-     r"weight_norm: `g` has shape \(5,\), but `v` of shape \(5, 4\) has 4 units \(its last axis\)"),
+     r"weight_norm: `g` has shape \(5,\), but `v` of shape \(5, 4\) has \(4,\) along feature_axes=-1; give g "
+     r"the shape \(4,\)"),
     (lambda: F.conv(jnp.ones((1, 6, 6, 3)), jnp.ones((3, 3, 2, 4))), ValueError,
      r"conv: `kernel` has shape \(3, 3, 2, 4\), but the input of shape \(1, 6, 6, 3\) needs \(3, 3, 3, 4\)"),
     (lambda: F.cosine_dense(jnp.ones((2, 3)), jnp.ones((3, 4)), bias=jnp.ones(3)), ValueError,

@@ -31,6 +31,7 @@ LAYERS = {
     "batch_renorm": lambda **kw: normzoo.BatchRenorm(use_running_average=False, r_max=1.5, d_max=0.5, warmup_steps=0, **kw),
     "ibn": lambda **kw: normzoo.IBN(use_running_average=False, ratio=0.5, **kw),
     "sbx_batch_renorm": lambda **kw: normzoo.sbx.BatchRenorm(use_running_average=False, warmup_steps=0, **kw),
+    "evonorm_b0": lambda **kw: normzoo.EvoNormB0(use_running_average=False, momentum=0.7, **kw),
 }
 
 
