@@ -26,7 +26,8 @@ __all__ = ["Port", "from_torch", "port_torch", "to_torch", "torch_activations"]
 
 # PyTorch leaf -> (flax collection, flax name), per kind of module.
 _TORCH_NORM = {"weight": ("params", "scale"), "bias": ("params", "bias"),
-               "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+               "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var"),
+               "v": ("params", "v"), "tau": ("params", "tau")}  # timm's EvoNorm gate, FRN's threshold
 _TORCH_LINEAR = {"weight": ("params", "kernel"), "bias": ("params", "bias")}
 _TORCH_EMBEDDING = {"weight": ("params", "embedding")}  # nn.Embedding -> nn.Embed, same layout
 _TORCH_WEIGHT_NORM = {"weight_g": ("params", "g"), "weight_v": ("params", "v"), "bias": ("params", "bias")}
@@ -34,7 +35,8 @@ _TORCH_WEIGHT_NORM = {"weight_g": ("params", "g"), "weight_v": ("params", "v"), 
 _PARAMETRIZED = ".parametrizations.weight"
 _ORIGINAL = {"original0": "weight_g", "original1": "weight_v"}
 # The order in which a PyTorch module registers them (state_dict order); bare parameters go last.
-_TORCH_ORDER = {"weight": 0, "weight_g": 0, "weight_v": 1, "bias": 2, "running_mean": 3, "running_var": 4}
+_TORCH_ORDER = {"weight": 0, "weight_g": 0, "weight_v": 1, "bias": 2, "v": 3, "tau": 3, "running_mean": 4,
+                "running_var": 5}
 
 
 def _torch_kernel_to_flax(w: np.ndarray, transpose: bool | None = None) -> np.ndarray:
@@ -136,7 +138,9 @@ def from_torch(state_dict: Mapping[str, Any], template: Mapping, names: Mapping[
     * ``nn.BatchNormNd`` / ``nn.LayerNorm`` / ``nn.GroupNorm`` ``weight`` -> ``scale``, ``bias``
       -> ``bias``, ``running_mean`` / ``running_var`` -> ``batch_stats`` ``mean`` / ``var``;
       ``num_batches_tracked`` -> ``steps`` where the layer has one (BatchRenorm), else it is
-      only read for the variance conversion;
+      only read for the variance conversion; torchvision's ``FrozenBatchNorm2d`` and timm's
+      ``EvoNorm2dB0`` / ``EvoNorm2dS0`` / ``FilterResponseNormTlu2d`` / ``GlobalResponseNorm``
+      likewise, with timm's ``v`` -> ``v`` and ``tau`` -> ``tau``;
     * any other parameter (ConvNeXt's ``layer_scale``) -> the Flax parameter of the same name at
       that path, reshaped where only unit axes differ (``(C, 1, 1)`` -> ``(C,)``).
 
@@ -194,7 +198,7 @@ def from_torch(state_dict: Mapping[str, Any], template: Mapping, names: Mapping[
                                  f"(its variables at '{names[prefix]}': "
                                  f"{sorted('/'.join(k) for k in target if k[1:-1] == path)}).")
             want = target[flax_key]
-            if name in ("kernel", "v"):
+            if name == "kernel" or (name == "v" and value.ndim > 1):  # not timm's per-channel EvoNorm v
                 value = np.ascontiguousarray(_torch_kernel_to_flax(value, conv_transpose.get(prefix)))
             elif name not in ("mean", "var") and value.shape != _shape(want) and \
                     tuple(d for d in value.shape if d != 1) == tuple(d for d in _shape(want) if d != 1):
@@ -273,7 +277,7 @@ def to_torch(variables: Mapping, names: Mapping[str, str | None], *,
                              "updates: pass num_batches_tracked (it has no steps counter).")
         tracked = int(np.asarray(steps) if steps is not None else given or 0)
         module_out = {}  # (rank in PyTorch's order, key) -> value
-        table = _table(("weight_v",) if ("params",) + path + ("v",) in entries else (), {k[-1] for k in entries})
+        table = _table(("weight_v",) if ("params",) + path + ("g",) in entries else (), {k[-1] for k in entries})
         reverse = {v: k for k, v in table.items()}
         for key, value in entries.items():
             name = (key[0], key[-1])
@@ -401,7 +405,7 @@ def _expected_flax_shapes(entries: Mapping[str, Any], layer: _FlaxLayer) -> list
             bad.append((leaf, _shape(value), None))
             continue
         shape, want = _shape(value), _shape(layer.own[key])
-        if key[1] in ("kernel", "v"):
+        if key[1] == "kernel" or (key[1] == "v" and len(shape) > 1):
             shape = _torch_kernel_to_flax(np.empty(shape, np.bool_), transpose).shape
         elif tuple(d for d in shape if d != 1) == tuple(d for d in want if d != 1):
             shape = want

@@ -160,6 +160,19 @@ def test_side_by_side_with_timm(name):
     with torch.no_grad():
         for ours_name, value in v["params"].items():
             getattr(theirs, torch_names[ours_name]).copy_(torch.from_numpy(np.array(value)))
+    # deploy.from_torch / to_torch carry the state both ways (the running variance as stored).
+    import flax.linen as nn
+
+    from normzoo import deploy
+
+    state = {k: t.numpy() for k, t in torch.nn.Sequential(theirs).state_dict().items()}
+    template = nn.Sequential([layer]).init(jax.random.key(0), x, **call)
+    ported = deploy.from_torch(state, template, {"0": "layers_0"})
+    want = {c: {"layers_0": dict(t)} for c, t in v.items()}
+    jax.tree.map(np.testing.assert_array_equal, ported, want)
+    back = deploy.to_torch(ported, {"0": "layers_0"})
+    assert list(back) == list(state)
+    jax.tree.map(np.testing.assert_array_equal, back, state)
     for training in (True, False):
         theirs.train(training)
         if hasattr(theirs, "running_var"):  # at inference both normalize by the same running variance
