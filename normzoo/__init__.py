@@ -8,7 +8,8 @@ from normzoo._registry import Identity, Normalizer, available, make
 from normzoo._sample import (EvoNormS0, FilterResponseNorm, GlobalResponseNorm, GroupNorm, InstanceNorm, LayerNorm,
                              RMSNorm)
 from normzoo._stats import moments, sync_batch_stats
-from normzoo._weight import CosineConv, CosineDense, WeightNormConv, WeightNormDense
+from normzoo._weight import (CosineConv, CosineDense, ScaledStdConv, ScaledStdDense, StdConv, StdDense, WeightNormConv,
+                             WeightNormDense)
 from normzoo._wrap import SpectralNorm, WeightNorm
 from normzoo import functional, sbx  # noqa: E402  (normzoo.sbx.BatchRenorm: drop-in for sbx / CrossQ)
 
@@ -34,7 +35,11 @@ __all__ = [
     "NoisyBatchNorm",
     "Normalizer",
     "RMSNorm",
+    "ScaledStdConv",
+    "ScaledStdDense",
     "SpectralNorm",
+    "StdConv",
+    "StdDense",
     "WeightNorm",
     "WeightNormConv",
     "WeightNormDense",

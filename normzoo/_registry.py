@@ -17,7 +17,7 @@ from normzoo._batch import (BatchNorm, BatchRenorm, EvoNormB0, FrozenBatchNorm, 
 from normzoo._composite import IBN
 from normzoo._sample import (EvoNormS0, FilterResponseNorm, GlobalResponseNorm, GroupNorm, InstanceNorm, LayerNorm,
                              RMSNorm)
-from normzoo._weight import CosineConv, CosineDense, WeightNormConv, WeightNormDense
+from normzoo._weight import CosineConv, CosineDense, StdConv, StdDense, WeightNormConv, WeightNormDense
 
 Array = jax.Array
 
@@ -109,6 +109,8 @@ _TABLE: dict[str, _Entry] = {
     # starts as the identity. EvoNorm-S0 takes GroupNorm's 4 groups here.
     "frn": _Entry(FilterResponseNorm),
     "grn": _Entry(GlobalResponseNorm),
+    # BiT's recipe (Kolesnikov et al. 2020): GroupNorm after weight-standardized convolutions.
+    "group_ws": _Entry(GroupNorm, {"num_groups": 4}, dense=StdDense, conv=StdConv),
     "evonorm_s0": _Entry(EvoNormS0, {"num_groups": 4}),
     "evonorm_b0": _Entry(EvoNormB0),
 }

@@ -284,3 +284,141 @@ class CosineConv(_ConvFields):
         op, kernel_shape, restore, geometry = self._geometry(x)
         sumsq = lambda a, shape: F._patch_sumsq(geometry, a, shape, self.mask, self.feature_group_count)  # noqa: E731
         return restore(_cosine(self, geometry.x, op, kernel_shape, sumsq))
+
+
+def _standardized(mdl: nn.Module, x: Array, op: Callable, kernel_shape: tuple[int, ...], scaled: bool) -> Array:
+    """``op(x, standardized kernel) + bias`` (:func:`normzoo.functional.weight_standardize`); the
+    scaled form multiplies by a learned ``gain`` and ``gamma / sqrt(fan_in)`` (NF-Nets)."""
+    kernel = mdl.param("kernel", mdl.kernel_init, kernel_shape, mdl.param_dtype)
+    gain = mdl.param("gain", mdl.gain_init, (mdl.features,), mdl.param_dtype) if scaled else None
+    bias = _bias(mdl, mdl.bias_init)
+    fan_in = 1
+    for d in kernel_shape[:-1]:
+        fan_in *= d
+    kernel = F.weight_standardize(kernel, gain, scale=mdl.gamma * fan_in ** -0.5 if scaled else 1.0,
+                                  epsilon=mdl.epsilon, mask=getattr(mdl, "mask", None), dtype=mdl.dtype)
+    x, kernel, bias = mdl.promote_dtype(x, kernel, bias, dtype=mdl.dtype)
+    return F._add_bias(op(x, kernel), bias)
+
+
+class StdConv(_ConvFields):
+    r"""Convolution with a standardized kernel (weight standardization, Qiao et al. 2019,
+    arXiv:1903.10520; BiT's ``StdConv2d``, Kolesnikov et al. 2020), drop-in for ``flax.linen.Conv``.
+
+    .. math:: y = x * \frac{w - \mathrm{E}[w]}{\sqrt{\mathrm{Var}[w] + \epsilon}} + b
+
+    each output channel's filter standardized over (spatial..., in) (:func:`normzoo.functional.weight_standardize`),
+    so the layer's output is invariant to the filter's shift and scale. Paired with GroupNorm it
+    is BiT's recipe (registry ``group_ws``). Parameters and fields are ``flax.linen.Conv``'s.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import normzoo
+      >>> x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+      >>> layer = normzoo.StdConv(4, (3, 3))
+      >>> v = layer.init(jax.random.key(1), x)
+      >>> shifted = {'params': {**v['params'], 'kernel': v['params']['kernel'] * 3 + 1}}
+      >>> bool(jnp.allclose(layer.apply(v, x), layer.apply(shifted, x), rtol=1e-4, atol=1e-3))
+      True
+
+    Attributes:
+      (flax.linen.Conv's fields, in its order).
+      epsilon: (keyword-only) added to the filters' variance (timm's default; BiT's models 1e-8).
+    """
+
+    epsilon: float = dataclasses.field(default=1e-6, kw_only=True)
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """Applies the convolution with the standardized kernel to ``x`` (batch..., spatial..., C)."""
+        op, kernel_shape, restore, geometry = self._geometry(x)
+        return restore(_standardized(self, geometry.x, op, kernel_shape, scaled=False))
+
+
+class ScaledStdConv(_ConvFields):
+    r"""Scaled weight-standardized convolution (NF-Nets, Brock et al. 2021, arXiv:2102.06171);
+    timm's ``ScaledStdConv2d``, with ``flax.linen.Conv``'s fields.
+
+    .. math:: y = x * \Big(g \, \frac{\gamma}{\sqrt{N}} \frac{w - \mathrm{E}[w]}{\sqrt{\mathrm{Var}[w] + \epsilon}}\Big) + b
+
+    with ``N`` the fan-in (kernel size times input channels per group), ``g`` a learned gain per
+    output channel (parameter ``gain``) and ``gamma`` the activation's gain (NF-Nets: e.g.
+    1.7139 for ReLU).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import normzoo
+      >>> v = normzoo.ScaledStdConv(4, (3, 3)).init(jax.random.key(1), jnp.ones((1, 8, 8, 3)))
+      >>> sorted(v['params']), v['params']['gain'].shape
+      (['bias', 'gain', 'kernel'], (4,))
+
+    Attributes:
+      (flax.linen.Conv's fields, in its order).
+      gamma, epsilon, gain_init: (keyword-only) the activation gain, the variance offset
+        (timm's 1e-6) and the gain's initializer (ones).
+    """
+
+    gamma: float = dataclasses.field(default=1.0, kw_only=True)
+    epsilon: float = dataclasses.field(default=1e-6, kw_only=True)
+    gain_init: Initializer = dataclasses.field(default=initializers.ones, kw_only=True)
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """Applies the convolution with the scaled standardized kernel to ``x``."""
+        op, kernel_shape, restore, geometry = self._geometry(x)
+        return restore(_standardized(self, geometry.x, op, kernel_shape, scaled=True))
+
+
+class StdDense(_DenseFields):
+    r"""Dense layer with a standardized kernel (weight standardization): :class:`StdConv` for
+    ``flax.linen.Dense``, each output unit's weights standardized over the inputs.
+
+    .. math:: y = x \cdot \frac{w - \mathrm{E}[w]}{\sqrt{\mathrm{Var}[w] + \epsilon}} + b
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import normzoo
+      >>> y, v = normzoo.StdDense(3).init_with_output(jax.random.key(0), jnp.ones((2, 5)))
+      >>> y.shape
+      (2, 3)
+
+    Attributes:
+      (flax.linen.Dense's fields, in its order).
+      epsilon: (keyword-only) as :class:`StdConv`.
+    """
+
+    epsilon: float = dataclasses.field(default=1e-6, kw_only=True)
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """Applies the layer to ``x`` (features last)."""
+        op, kernel_shape, restore = self._geometry(x)
+        return restore(_standardized(self, x, op, kernel_shape, scaled=False))
+
+
+class ScaledStdDense(_DenseFields):
+    r""":class:`ScaledStdConv` for ``flax.linen.Dense`` (NF-Nets' scaled weight standardization).
+
+    .. math:: y = x \cdot \Big(g \, \frac{\gamma}{\sqrt{N}} \frac{w - \mathrm{E}[w]}{\sqrt{\mathrm{Var}[w] + \epsilon}}\Big) + b
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import normzoo
+      >>> v = normzoo.ScaledStdDense(3).init(jax.random.key(0), jnp.ones((2, 5)))
+      >>> sorted(v['params'])
+      ['bias', 'gain', 'kernel']
+
+    Attributes:
+      (flax.linen.Dense's fields, in its order).
+      gamma, epsilon, gain_init: (keyword-only) as :class:`ScaledStdConv`.
+    """
+
+    gamma: float = dataclasses.field(default=1.0, kw_only=True)
+    epsilon: float = dataclasses.field(default=1e-6, kw_only=True)
+    gain_init: Initializer = dataclasses.field(default=initializers.ones, kw_only=True)
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """Applies the layer to ``x`` (features last)."""
+        op, kernel_shape, restore = self._geometry(x)
+        return restore(_standardized(self, x, op, kernel_shape, scaled=True))

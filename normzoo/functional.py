@@ -89,6 +89,7 @@ __all__ = [
     "sync_batch_stats",
     "tracked_instance_norm",
     "weight_norm",
+    "weight_standardize",
 ]
 
 
@@ -1325,6 +1326,41 @@ def weight_norm(v: Array, g: Array, *, epsilon: float = 1e-12, mask: Array | Non
     for a, n in zip(axes, want):
         view[a] = n
     return _direction(v, epsilon, mask, dt, axes) * jnp.reshape(jnp.asarray(g, dt), view)
+
+
+def weight_standardize(
+    kernel: Array, gain: Array | None = None, *, scale: float = 1.0, epsilon: float = 1e-6,
+    mask: Array | None = None, dtype: Any = None,
+) -> Array:
+    r"""Weight standardization (Qiao et al. 2019, arXiv:1903.10520): each output unit's weights
+    (the last axis) standardized over the others (the fan-in), as timm's ``StdConv2d`` and,
+    with ``gain`` and ``scale``, NF-Nets' ``ScaledStdConv2d`` (Brock et al. 2021).
+
+    .. math:: \hat w = \mathrm{gain} \cdot \mathrm{scale} \cdot \frac{w - \mathrm{E}[w]}{\sqrt{\mathrm{Var}[w] + \epsilon}}
+
+    with the (biased) mean and variance over every axis but the last (of ``kernel * mask``), in
+    at least float32 (``dtype`` raises it). NF-Nets take ``scale = gamma / sqrt(fan_in)``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from normzoo import functional as F
+      >>> F.weight_standardize(jnp.array([[1.0, 10.0], [3.0, 30.0]]), epsilon=0.0).tolist()
+      [[-1.0, -1.0], [1.0, 1.0]]
+    """
+    k = jnp.asarray(kernel)
+    if k.ndim < 2:
+        raise ValueError(f"weight_standardize: the kernel has shape {k.shape}; it needs a fan-in axis and an output "
+                         "axis (last).")
+    if gain is not None and jnp.shape(gain) != k.shape[-1:]:
+        raise ValueError(f"weight_standardize: `gain` has shape {tuple(jnp.shape(gain))}; the kernel of shape "
+                         f"{k.shape} has {k.shape[-1]} outputs (its last axis): give gain the shape {k.shape[-1:]}.")
+    if mask is not None:
+        k = k * mask
+    dt = _stats.stats_dtype(k.dtype, dtype)
+    k = jnp.asarray(k, dt)
+    mean, var = _stats.moments(k, tuple(range(k.ndim - 1)), layer="weight_standardize")
+    w = (k - mean) * (lax.rsqrt(var + epsilon) * scale)
+    return w if gain is None else w * jnp.asarray(gain, dt)
 
 
 class SpectralNormOut(NamedTuple):

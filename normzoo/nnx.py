@@ -33,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import inspect
+import math
 import numbers
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
@@ -54,7 +55,8 @@ Array = jax.Array
 
 __all__ = ["BatchNorm", "BatchNormFreeze", "BatchRenorm", "CosineConv", "CosineLinear", "EvoNormB0", "EvoNormS0",
            "FilterResponseNorm", "FrozenBatchNorm", "GlobalResponseNorm", "GroupNorm",
-           "IBN", "Identity", "InstanceNorm", "SpectralNorm", "WeightNorm", "freeze_batch_norm",
+           "IBN", "Identity", "InstanceNorm", "ScaledStdConv", "ScaledStdLinear", "SpectralNorm", "StdConv", "StdLinear",
+           "WeightNorm", "freeze_batch_norm",
            "LayerNorm", "LpBatchNorm", "MeanOnlyBatchNorm", "NoisyBatchNorm", "RMSNorm", "WeightNormConv", "WeightNormLinear", "from_linen",
            "make", "to_linen"]
 
@@ -1486,6 +1488,186 @@ class EvoNormB0(_Channelwise, _RunningAverage):
 # ----------------------------------------------------------------------------- registry
 
 
+class _Standardized(_WeightLayer):
+    """The weight-standardized layers: the kernel standardized per output unit over its fan-in
+    (:func:`normzoo.functional.weight_standardize`), scaled by ``gain * gamma / sqrt(fan_in)``
+    where the layer has a ``gain``."""
+
+    if TYPE_CHECKING:
+        gamma: float
+
+    def _apply(self, op, x: Array, sumsq) -> Array:
+        kernel = self.kernel[...]
+        gain = _value(getattr(self, "gain", None))
+        scale = 1.0 if gain is None else self.gamma * math.prod(kernel.shape[:-1]) ** -0.5
+        kernel = F.weight_standardize(kernel, gain, scale=scale, epsilon=self.epsilon, mask=getattr(self, "mask", None),
+                                      dtype=self.dtype)
+        x, kernel, bias = self.promote_dtype((x, kernel, _value(self.bias)), dtype=self.dtype)
+        return F._add_bias(op(x, kernel), bias)
+
+
+class StdLinear(_Standardized):
+    r"""Linear layer with a standardized kernel: :class:`normzoo.StdDense`'s twin, with
+    ``flax.nnx.Linear``'s constructor (then ``epsilon``).
+
+    .. math:: y = x \cdot \frac{w - \mathrm{E}[w]}{\sqrt{\mathrm{Var}[w] + \epsilon}} + b
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from normzoo import nnx as nznnx
+      >>> nznnx.StdLinear(5, 3, rngs=nnx.Rngs(0))(jnp.ones((2, 5))).shape
+      (2, 3)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        kernel_init: Any = default_kernel_init,
+        bias_init: Any = initializers.zeros_init(),
+        dot_general: Any = jax.lax.dot_general,
+        promote_dtype: Any = _flax_dtypes.promote_dtype,
+        preferred_element_type: Any = None,
+        rngs: nnx.Rngs,
+        kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        epsilon: float = 1e-6,
+    ):
+        self._configure(_config(locals()), rngs, "kernel", kernel_init, kernel_metadata, bias_init, bias_metadata, None)
+
+
+class ScaledStdLinear(_Standardized):
+    r"""NF-Nets' scaled weight-standardized linear layer: :class:`normzoo.ScaledStdDense`'s twin,
+    with ``flax.nnx.Linear``'s constructor (then ``gamma``, ``epsilon``, ``gain_init``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from normzoo import nnx as nznnx
+      >>> nznnx.ScaledStdLinear(5, 3, rngs=nnx.Rngs(0)).gain[...].shape
+      (3,)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        kernel_init: Any = default_kernel_init,
+        bias_init: Any = initializers.zeros_init(),
+        dot_general: Any = jax.lax.dot_general,
+        promote_dtype: Any = _flax_dtypes.promote_dtype,
+        preferred_element_type: Any = None,
+        rngs: nnx.Rngs,
+        kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        gamma: float = 1.0,
+        epsilon: float = 1e-6,
+        gain_init: Any = initializers.ones_init(),
+    ):
+        config = _config(locals())
+        gain_init = config.pop("gain_init")
+        self._configure(config, rngs, "kernel", kernel_init, kernel_metadata, bias_init, bias_metadata, None)
+        self.gain = nnx.Param(gain_init(rngs.params(), (out_features,), param_dtype))
+
+
+class StdConv(_Standardized):
+    r"""Convolution with a standardized kernel: :class:`normzoo.StdConv`'s twin, with
+    ``flax.nnx.Conv``'s constructor (then ``epsilon``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from normzoo import nnx as nznnx
+      >>> nznnx.StdConv(3, 4, (3, 3), rngs=nnx.Rngs(0))(jnp.ones((1, 6, 6, 3))).shape
+      (1, 6, 6, 4)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: Any,
+        strides: Any = 1,
+        *,
+        padding: Any = "SAME",
+        input_dilation: Any = 1,
+        kernel_dilation: Any = 1,
+        feature_group_count: int = 1,
+        use_bias: bool = True,
+        mask: Array | None = None,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        kernel_init: Any = default_kernel_init,
+        bias_init: Any = initializers.zeros_init(),
+        conv_general_dilated: Any = jax.lax.conv_general_dilated,
+        promote_dtype: Any = _flax_dtypes.promote_dtype,
+        preferred_element_type: Any = None,
+        rngs: nnx.Rngs,
+        kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        epsilon: float = 1e-6,
+    ):
+        self._configure(_config(locals()), rngs, "kernel", kernel_init, kernel_metadata, bias_init, bias_metadata, None)
+
+
+class ScaledStdConv(_Standardized):
+    r"""NF-Nets' scaled weight-standardized convolution: :class:`normzoo.ScaledStdConv`'s twin,
+    with ``flax.nnx.Conv``'s constructor (then ``gamma``, ``epsilon``, ``gain_init``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from normzoo import nnx as nznnx
+      >>> nznnx.ScaledStdConv(3, 4, (3, 3), rngs=nnx.Rngs(0))(jnp.ones((1, 6, 6, 3))).shape
+      (1, 6, 6, 4)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: Any,
+        strides: Any = 1,
+        *,
+        padding: Any = "SAME",
+        input_dilation: Any = 1,
+        kernel_dilation: Any = 1,
+        feature_group_count: int = 1,
+        use_bias: bool = True,
+        mask: Array | None = None,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        kernel_init: Any = default_kernel_init,
+        bias_init: Any = initializers.zeros_init(),
+        conv_general_dilated: Any = jax.lax.conv_general_dilated,
+        promote_dtype: Any = _flax_dtypes.promote_dtype,
+        preferred_element_type: Any = None,
+        rngs: nnx.Rngs,
+        kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        gamma: float = 1.0,
+        epsilon: float = 1e-6,
+        gain_init: Any = initializers.ones_init(),
+    ):
+        config = _config(locals())
+        gain_init = config.pop("gain_init")
+        self._configure(config, rngs, "kernel", kernel_init, kernel_metadata, bias_init, bias_metadata, None)
+        self.gain = nnx.Param(gain_init(rngs.params(), (out_features,), param_dtype))
+
+
 class Identity(nnx.Module):
     """The normalizer of ``none``, ``weight`` and ``cosine``: returns ``x`` (cast to ``dtype`` if set).
 
@@ -1513,6 +1695,8 @@ def _twins() -> dict:
         _sample.InstanceNorm: InstanceNorm, _composite.IBN: IBN, _registry.Identity: Identity,
         nn.Dense: nnx.Linear, nn.Conv: nnx.Conv, _weight.WeightNormDense: WeightNormLinear,
         _weight.WeightNormConv: WeightNormConv, _weight.CosineDense: CosineLinear, _weight.CosineConv: CosineConv,
+        _weight.StdDense: StdLinear, _weight.StdConv: StdConv, _weight.ScaledStdDense: ScaledStdLinear,
+        _weight.ScaledStdConv: ScaledStdConv,
     }
 
 

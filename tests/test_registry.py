@@ -9,7 +9,8 @@ import normzoo
 from tests.conftest import some_slow
 
 NAMES = ["batch", "batch_renorm", "instance", "layer", "group", "rms", "weight", "cosine", "ibn", "none",
-         "noisy_batch", "l1_batch", "l2_batch", "linf_batch", "frozen_batch", "frn", "grn", "evonorm_s0", "evonorm_b0"]
+         "noisy_batch", "l1_batch", "l2_batch", "linf_batch", "frozen_batch", "frn", "grn", "group_ws", "evonorm_s0",
+         "evonorm_b0"]
 
 
 def test_available_lists_every_name():
