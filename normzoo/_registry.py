@@ -56,6 +56,9 @@ class Normalizer:
       batch_statistics: True when ``norm`` normalizes by statistics across the batch: its
         output depends on the other examples, it keeps running averages in ``batch_stats``,
         and ghost batches (``virtual_batch_size``) apply.
+      residual_norm: ``residual_norm(train, **fields) -> Module``, a normalizer a residual
+        model applies after the addition of a block (before its activation) in the early stages,
+        or None: IBN-b's InstanceNorm (Pan et al. 2018), ``None`` for every other name.
     """
 
     name: str
@@ -65,6 +68,7 @@ class Normalizer:
     conv: Callable[..., nn.Module]
     is_identity: bool
     batch_statistics: bool
+    residual_norm: Callable[..., nn.Module] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +83,7 @@ class _Entry:
     configures: str = "norm"
     late_norm: type[nn.Module] | None = None  # IBN-Net: a different normalizer in late stages
     switches: dict[str, type[nn.Module]] = dataclasses.field(default_factory=dict)  # flag -> norm
+    residual_norm: type[nn.Module] | None = None  # IBN-b: after the residual addition, early stages
 
 
 _TABLE: dict[str, _Entry] = {
@@ -94,6 +99,9 @@ _TABLE: dict[str, _Entry] = {
                      switches={"mean_only_bn": MeanOnlyBatchNorm}),
     "cosine": _Entry(Identity, dense=CosineDense, conv=CosineConv, configures="linear"),
     "ibn": _Entry(IBN, late_norm=BatchNorm),
+    # IBN-b (Pan et al. 2018): BatchNorm everywhere, and an affine InstanceNorm after the residual
+    # addition of the last block of the early stages.
+    "ibn_b": _Entry(BatchNorm, residual_norm=InstanceNorm),
     "none": _Entry(Identity),
     # Santurkar et al. 2018's variants: BatchNorm plus a deliberate covariate shift (needs the
     # rng stream "noise"), and normalization by the L1 / L2 / L-infinity deviation.
@@ -195,7 +203,11 @@ def _make(name: str, overrides: dict[str, Any], api: _Api) -> Normalizer:
     if entry.late_norm is not None:
         late_cls = api.layer(entry.late_norm)
         late = api.norm_factory(late_cls, {k: v for k, v in layer.items() if k in api.fields(late_cls)})
+    residual = None
+    if entry.residual_norm is not None:
+        residual = api.norm_factory(api.layer(entry.residual_norm), {})
     return Normalizer(
         name, norm, late, functools.partial(dense, **linear), functools.partial(conv, **linear),
         is_identity=row_cls is Identity, batch_statistics="virtual_batch_size" in _fields(row_cls),
+        residual_norm=residual,
     )

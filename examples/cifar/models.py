@@ -4,9 +4,12 @@
 and the classifier change (and the activation normalizer is the identity); for every other name
 the activation normalizer changes. Layers that are not followed by a normalizer get a bias.
 
-IBN placement follows IBN-Net (IBN-a): IBN replaces the first normalizer of every residual block
-in the early stages (here stages 1 and 2 of 3); the stem, the second normalizer of each block and
-the last stage keep plain BatchNorm (``Normalizer.late_norm``).
+IBN placement follows IBN-Net. IBN-a (``ibn``): IBN replaces the first normalizer of every residual
+block in the early stages (here stages 1 and 2 of 3); the stem, the second normalizer of each block
+and the last stage keep plain BatchNorm (``Normalizer.late_norm``). IBN-b (``ibn_b``): BatchNorm
+everywhere, and an affine InstanceNorm after the residual addition (before the ReLU) of the last
+block of stages 1 and 2 (``Normalizer.residual_norm``); IBN-Net's IBN-b also puts one on the stem,
+which this ResNet keeps as BatchNorm.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class _Block(nn.Module):
     conv: Any
     norm1: Any
     norm2: Any
+    post_add: Any = None  # IBN-b: a normalizer after the addition
 
     @nn.compact
     def __call__(self, x):
@@ -51,7 +55,8 @@ class _Block(nn.Module):
             shortcut = x[:, :: self.strides, :: self.strides]
             extra = self.features - x.shape[-1]
             shortcut = jnp.pad(shortcut, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
-        return nn.relu(y + shortcut)
+        y = y + shortcut
+        return nn.relu(y if self.post_add is None else self.post_add()(y))
 
 
 class ResNet20(nn.Module):
@@ -92,7 +97,10 @@ class ResNet20(nn.Module):
             for block in range(self.blocks_per_stage):
                 strides = 2 if stage > 0 and block == 0 else 1
                 norm1 = early if stage < 2 else late
-                x = _Block(self.width * 2**stage, strides, conv, norm1, late)(x)
+                post_add = None
+                if spec.residual_norm is not None and stage < 2 and block == self.blocks_per_stage - 1:
+                    post_add = functools.partial(spec.residual_norm, train=train, dtype=self.dtype)
+                x = _Block(self.width * 2**stage, strides, conv, norm1, late, post_add)(x)
         x = jnp.mean(x, axis=(1, 2))
         logits = spec.dense(self.num_classes, dtype=self.dtype, **_head_kwargs(spec))(x)
         return jnp.asarray(logits, jnp.float32)

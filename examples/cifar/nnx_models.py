@@ -24,12 +24,14 @@ from normzoo import nnx as nznnx
 class _Block(nnx.Module):
     """Basic residual block with the option-A shortcut (``models._Block``)."""
 
-    def __init__(self, in_features: int, features: int, strides: int, spec, early: bool, dtype, rngs: nnx.Rngs):
+    def __init__(self, in_features: int, features: int, strides: int, spec, early: bool, dtype, rngs: nnx.Rngs,
+                 post_add: bool = False):
         conv = dict(use_bias=spec.is_identity, dtype=dtype, rngs=rngs)
         self.conv1 = spec.conv(in_features, features, (3, 3), strides=strides, **conv)
         self.norm1 = (spec.norm if early else spec.late_norm)(features, train=True, dtype=dtype, rngs=rngs)
         self.conv2 = spec.conv(features, features, (3, 3), **conv)
         self.norm2 = spec.late_norm(features, train=True, dtype=dtype, rngs=rngs)
+        self.post_add = nnx.data(spec.residual_norm(features, train=True, dtype=dtype, rngs=rngs) if post_add else None)
         self.strides, self.in_features, self.features = strides, in_features, features
 
     def __call__(self, x):
@@ -40,7 +42,8 @@ class _Block(nnx.Module):
             shortcut = x[:, :: self.strides, :: self.strides]
             extra = self.features - self.in_features
             shortcut = jnp.pad(shortcut, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
-        return nnx.relu(y + shortcut)
+        y = y + shortcut
+        return nnx.relu(y if self.post_add is None else self.post_add(y))
 
 
 class ResNet20(nnx.Module):
@@ -64,7 +67,8 @@ class ResNet20(nnx.Module):
         for stage in range(3):
             for block in range(blocks_per_stage):
                 strides = 2 if stage > 0 and block == 0 else 1
-                blocks.append(_Block(features, width * 2**stage, strides, spec, stage < 2, dtype, rngs))
+                post_add = spec.residual_norm is not None and stage < 2 and block == blocks_per_stage - 1
+                blocks.append(_Block(features, width * 2**stage, strides, spec, stage < 2, dtype, rngs, post_add))
                 features = width * 2**stage
         self.blocks = nnx.List(blocks)
         self.head = spec.dense(features, num_classes, dtype=dtype, rngs=rngs, **_head_kwargs(spec))
