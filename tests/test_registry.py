@@ -95,3 +95,20 @@ def test_batch_statistics_property_says_whether_other_examples_matter(name):
     assert spec.batch_statistics == depends == ("batch_stats" in v and name != "frozen_batch")
     weight = normzoo.make("weight", mean_only_bn=True)
     assert weight.batch_statistics and not weight.is_identity
+
+
+def test_ibn_b_places_instance_norm_after_the_addition_of_the_early_stages_last_blocks():
+    from examples.cifar.models import ResNet20
+
+    assert all(normzoo.make(n).residual_norm is None for n in normzoo.available() if n != "ibn_b")
+    spec = normzoo.make("ibn_b")
+    assert type(spec.norm(train=True)) is normzoo.BatchNorm and type(spec.residual_norm(train=True)) is normzoo.InstanceNorm
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    v = ResNet20(norm="ibn_b", width=4, blocks_per_stage=2).init(jax.random.key(0), x, train=False)
+    with_in = sorted(k for k, p in v["params"].items() if k.startswith("_Block") and "InstanceNorm_0" in p)
+    assert with_in == ["_Block_1", "_Block_3"]  # the last block of stages 1 and 2 (of 3), 2 blocks each
+    # Without the InstanceNorms' parameters the rest is the BatchNorm model's, name for name.
+    plain = ResNet20(norm="batch", width=4, blocks_per_stage=2).init(jax.random.key(0), x, train=False)
+    strip = {k: {n: p for n, p in b.items() if n != "InstanceNorm_0"} if isinstance(b, dict) else b
+             for k, b in v["params"].items()}
+    assert jax.tree.structure(strip) == jax.tree.structure(plain["params"])
