@@ -143,9 +143,8 @@ class _Mapped(_Shell):
                         dtype=self.dtype, layer=type(self).__name__)
 
 
-class _BatchFields(_Mapped):
-    """flax.linen.BatchNorm's fields in flax's order with flax's defaults, then ours
-    (keyword-only)."""
+class _FlaxBatchFields(_Mapped):
+    """flax.linen.BatchNorm's fields in flax's order with flax's defaults."""
 
     use_running_average: bool | None = None
     axis: int | tuple[int, ...] = -1
@@ -161,6 +160,11 @@ class _BatchFields(_Mapped):
     axis_index_groups: Any = None
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
+
+
+class _BatchFields(_FlaxBatchFields):
+    """flax.linen.BatchNorm's fields, then ours (keyword-only)."""
+
     virtual_batch_size: int | None = dataclasses.field(default=None, kw_only=True)
     scale_plus_one: bool = dataclasses.field(default=False, kw_only=True)
 
@@ -305,7 +309,7 @@ class BatchRenorm(_BatchFields):
         return amap
 
 
-class FrozenBatchNorm(_Mapped):
+class FrozenBatchNorm(_FlaxBatchFields):
     r"""Frozen batch normalization: fixed statistics and affine, for fine-tuning (torchvision's
     ``FrozenBatchNorm2d``, timm's ``freeze_batch_norm_2d``, the detection backbones).
 
@@ -342,20 +346,6 @@ class FrozenBatchNorm(_Mapped):
       scale_plus_one: (keyword-only) as :class:`BatchNorm`.
     """
 
-    use_running_average: bool | None = None
-    axis: int | tuple[int, ...] = -1
-    momentum: float = 0.99
-    epsilon: float = 1e-5
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    use_bias: bool = True
-    use_scale: bool = True
-    bias_init: Initializer = initializers.zeros
-    scale_init: Initializer = initializers.ones
-    axis_name: str | None = None
-    axis_index_groups: Any = None
-    use_fast_variance: bool = True
-    force_float32_reductions: bool = True
     scale_plus_one: bool = dataclasses.field(default=False, kw_only=True)
 
     @nn.nowrap
