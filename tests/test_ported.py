@@ -106,7 +106,7 @@ LINEN = {  # name -> (linen layer, its nnx twin's keywords, call keywords)
 }
 
 
-@pytest.mark.parametrize("name", LINEN)
+@pytest.mark.parametrize("name", some_slow(list(LINEN), fast={"EvoNormB0", "FilterResponseNorm"}))
 def test_layers_compute_their_function_and_the_nnx_twin_agrees(name):
     layer, nnx_kw, call = LINEN[name]
     x = jnp.asarray(RNG.normal(size=SHAPE) * 2 + 1, jnp.float32)

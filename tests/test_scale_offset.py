@@ -13,6 +13,7 @@ from flax import nnx
 import normzoo
 from normzoo import nnx as nznnx
 from tests import reference as ref
+from tests.conftest import some_slow
 
 SHAPE = (6, 3, 3, 8)
 # linen layer -> its constructor keywords and call keywords
@@ -39,7 +40,8 @@ def _scales(tree):
             if jax.tree_util.keystr(k).endswith("['scale']")}
 
 
-@pytest.mark.parametrize("name", LINEN)
+# One layer of each family by default (they share _Shell._affine), every layer in the slow run.
+@pytest.mark.parametrize("name", some_slow(list(LINEN), fast={"BatchNorm", "RMSNorm", "IBN"}))
 def test_linen_offset_checkpoint_equals_the_plain_one(name):
     kw, _ = LINEN[name]
     plain, offset = getattr(normzoo, name)(**kw), getattr(normzoo, name)(**kw, scale_plus_one=True)
@@ -95,7 +97,7 @@ NNX = {
 }
 
 
-@pytest.mark.parametrize("name", NNX)
+@pytest.mark.parametrize("name", some_slow(list(NNX), fast={"BatchRenorm", "LayerNorm"}))
 def test_nnx_offset_layer_equals_its_linen_twin(name):
     """The nnx layer with ``scale_plus_one`` starts at zeros and, given the linen twin's
     variables (offsets), computes what the linen layer computes."""

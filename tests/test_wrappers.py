@@ -173,7 +173,8 @@ def test_spectral_norm_side_by_side_with_flax(name, n_steps, train):
     _close(jax.grad(loss(ours))(v_theirs["params"]), jax.grad(loss(theirs))(v_theirs["params"]), 1e-4)
 
 
-@pytest.mark.parametrize("n_steps,update_stats,want", [(1, True, 4.0), (3, True, 4.0), (10, True, 4.0), (1, False, 1.0)])
+@pytest.mark.parametrize("n_steps,update_stats,want", some_slow([(1, True, 4.0), (3, True, 4.0), (10, True, 4.0),
+                                                                   (1, False, 1.0)], fast={(3, True, 4.0), (1, False, 1.0)}))
 def test_spectral_norm_sigma_of_four_times_identity(n_steps, update_stats, want):
     layer = normzoo.SpectralNorm(nn.Dense(8, use_bias=False), n_steps=n_steps)
     x = jnp.ones((1, 8))
@@ -258,8 +259,12 @@ def _weight_reference(params, feature_axes, filters, eps=0.0):
     return out
 
 
-@pytest.mark.parametrize("feature_axes,filters", [(-1, {"kernel"}), (0, {"kernel"}), ((0, 1), {"kernel"}),
-                                                  ((), {"kernel"}), (None, {"kernel"}), (0, {"bias"}), ((), {"bias"})])
+WEIGHT_NORM_CASES = [(-1, ("kernel",)), (0, ("kernel",)), ((0, 1), ("kernel",)), ((), ("kernel",)), (None, ("kernel",)),
+                     (0, ("bias",)), ((), ("bias",))]
+
+
+@pytest.mark.parametrize("feature_axes,filters", some_slow(WEIGHT_NORM_CASES, fast=[((0, 1), ("kernel",)),
+                                                                                   ((), ("bias",))]))
 def test_weight_norm_against_numpy(feature_axes, filters):
     layer = normzoo.WeightNorm(nn.Dense(2, bias_init=nn.initializers.normal()), feature_axes=feature_axes,
                                variable_filter=filters)
@@ -296,7 +301,7 @@ def test_weight_norm_variable_filter_selects_as_flax():
                                4 if filters == {"kernel"} else 6)
 
 
-@pytest.mark.parametrize("name", ["dense", "conv", "attention"])
+@pytest.mark.parametrize("name", some_slow(["dense", "conv", "attention"], fast={"attention"}))
 def test_weight_norm_side_by_side_with_flax(name):
     ours, theirs = _pair(name, normzoo.WeightNorm, nn.WeightNorm)
     x = jnp.asarray(RNG.normal(size=(3, 5, 4) if name == "attention" else (3, 4)), jnp.float32)
@@ -412,7 +417,8 @@ def test_tabulate_shows_what_flax_shows():
     assert "Dense_0/kernel/scale" in ours and "Dense_1/kernel/sigma" in ours and "_run" not in ours
 
 
-@pytest.mark.parametrize("dtype,param_dtype", [(jnp.float16, jnp.float16), (jnp.float32, jnp.bfloat16)])
+@pytest.mark.parametrize("dtype,param_dtype", some_slow([(jnp.float16, jnp.float16), (jnp.float32, jnp.bfloat16)],
+                                                         fast=[(jnp.float16, jnp.float16)]))
 def test_half_precision_dtypes_as_flax(dtype, param_dtype):
     x = jnp.asarray(RNG.normal(size=(4, 5)), dtype)
     for ours, theirs, kw in [(normzoo.SpectralNorm, nn.SpectralNorm, {"update_stats": True}),
