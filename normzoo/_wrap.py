@@ -94,6 +94,12 @@ class SpectralNorm(_Reparameterized):
       error_on_non_matrix: raise for weights with more than two axes instead of reshaping.
       collection_name: the collection of ``u`` and ``sigma``.
       exact: (keyword-only, normzoo) ``sigma`` by SVD instead of the power-iteration estimate.
+      conv_aware: (keyword-only, normzoo) for a wrapped convolution, ``sigma`` is the operator
+        norm of the convolution on the input the layer sees (its padding, strides and size), by
+        power iteration on the convolution and its transpose
+        (:func:`normzoo.functional.conv_spectral_norm`): the Lipschitz constant of the layer,
+        which the reshaped kernel's norm only bounds (equinox#810). Its ``u`` has the shape of
+        one input example, so these variables are not flax's.
     """
 
     layer_instance: nn.Module
@@ -104,17 +110,21 @@ class SpectralNorm(_Reparameterized):
     error_on_non_matrix: bool = False
     collection_name: str = "batch_stats"
     exact: bool = dataclasses.field(default=False, kw_only=True)
+    conv_aware: bool = dataclasses.field(default=False, kw_only=True)
 
     @nn.compact
     def __call__(self, *args, update_stats: bool, **kwargs) -> Any:
         """Applies ``layer_instance(*args, **kwargs)`` with its weights spectrally normalized;
         ``update_stats`` (required) stores the new ``u`` and ``sigma``."""
+        conv = self._convolution(args)
 
         def normalize(path, leaf):
             value = jnp.asarray(leaf)
             if value.ndim <= 1 or self.n_steps < 1:
                 return leaf
             name = f"{self.layer_instance.name}/" + "/".join(_key(k) for k in path[1:])
+            if conv is not None and _key(path[-1]) == "kernel" and value.ndim == len(conv[0]):
+                return self._conv_normalize(name, value, conv, update_stats)
             if value.ndim > 2 and self.error_on_non_matrix:
                 raise ValueError(
                     f"SpectralNorm: Input is {value.ndim}D but error_on_non_matrix is True (the parameter {name} "
@@ -133,6 +143,43 @@ class SpectralNorm(_Reparameterized):
             return out.kernel
 
         return self._run(args, kwargs, normalize)
+
+    @nn.nowrap
+    def _convolution(self, args) -> tuple[tuple[int, ...], dict] | None:
+        """With ``conv_aware``: the shape of ``u`` (one input example) and the convolution's options,
+        read from the wrapped ``nn.Conv`` (or normzoo's convolutions) and its input."""
+        if not self.conv_aware:
+            return None
+        layer = self.layer_instance
+        if not hasattr(layer, "kernel_size") or isinstance(layer, nn.ConvTranspose):
+            raise ValueError(
+                f"SpectralNorm: conv_aware=True normalizes a convolution by its operator norm, but layer_instance is "
+                f"a {type(layer).__name__}; wrap an nn.Conv (or leave conv_aware False)."
+            )
+        size = layer.kernel_size
+        n = 1 if isinstance(size, int) else len(size)
+        x = jnp.asarray(args[0])
+        options = dict(strides=layer.strides, padding=layer.padding, input_dilation=layer.input_dilation,
+                       kernel_dilation=layer.kernel_dilation, feature_group_count=layer.feature_group_count)
+        return (1,) + tuple(x.shape[-(n + 1):]), options
+
+    @nn.nowrap
+    def _conv_normalize(self, name: str, value: Array, conv: tuple, update_stats: bool) -> Array:
+        shape, options = conv
+        first = not self.has_variable(self.collection_name, name + "/u")
+        u = self.variable(self.collection_name, name + "/u", jax.random.normal,
+                          self.make_rng("params") if first else None, shape, self.param_dtype)
+        sigma = self.variable(self.collection_name, name + "/sigma", jnp.ones, (), self.param_dtype)
+        if tuple(u.value.shape) != shape:
+            raise ValueError(
+                f"SpectralNorm: conv_aware keeps u of the input's shape, {tuple(u.value.shape)}, but this input gives "
+                f"{shape}; the operator norm depends on the input size: call it with inputs of one size."
+            )
+        out = F.conv_spectral_norm(value, u.value, n_steps=self.n_steps, epsilon=self.epsilon, dtype=self.dtype,
+                                   **options)
+        if update_stats:
+            u.value, sigma.value = out.u, out.sigma
+        return out.kernel
 
 
 class WeightNorm(_Reparameterized):

@@ -429,3 +429,52 @@ def test_half_precision_dtypes_as_flax(dtype, param_dtype):
         y_theirs = make(theirs).apply(v, x, mutable=["batch_stats"], **kw)[0]
         assert y_ours.dtype == y_theirs.dtype, ours.__name__
         np.testing.assert_allclose(np.asarray(y_ours, np.float32), np.asarray(y_theirs, np.float32), rtol=2e-2, atol=2e-2)
+
+
+# ----------------------------------------------------------------------------- convolution-aware
+
+
+def _circular_conv_norm(kernel, size):
+    """The exact operator norm of a stride-1 circular convolution on ``size`` inputs (Sedghi et
+    al. 2019): the largest singular value over the frequencies of the kernel's 2-D DFT."""
+    kh, kw, cin, cout = kernel.shape
+    padded = np.zeros(size + (cin, cout))
+    padded[:kh, :kw] = np.asarray(kernel, np.float64)
+    spectrum = np.fft.fft2(padded, axes=(0, 1))
+    return max(np.linalg.svd(spectrum[i, j], compute_uv=False)[0] for i in range(size[0]) for j in range(size[1]))
+
+
+def test_conv_spectral_norm_is_the_convolutions_operator_norm():
+    kernel = RNG.normal(size=(3, 3, 2, 4)).astype(np.float32)
+    want = _circular_conv_norm(kernel, (6, 6))
+    out = F.conv_spectral_norm(jnp.asarray(kernel), jnp.asarray(RNG.normal(size=(1, 6, 6, 2)), jnp.float32),
+                               n_steps=300, padding="CIRCULAR")
+    np.testing.assert_allclose(out.sigma, want, rtol=1e-3)
+    np.testing.assert_allclose(_circular_conv_norm(np.asarray(out.kernel), (6, 6)), 1.0, rtol=1e-3)
+    matrix = np.linalg.norm(kernel.reshape(-1, 4).astype(np.float64), 2)
+    assert abs(want - matrix) > 0.05 * want  # the reshaped kernel's norm is another number
+    with pytest.raises(ValueError, match=r"conv_spectral_norm: u has shape \(1, 6, 6, 3\); for a kernel of shape "
+                                         r"\(3, 3, 2, 4\) it must be one input example, \(1, \*spatial, 2\)"):
+        F.conv_spectral_norm(jnp.asarray(kernel), jnp.ones((1, 6, 6, 3)))
+
+
+def test_spectral_norm_conv_aware_layer():
+    layer = normzoo.SpectralNorm(nn.Conv(4, (3, 3), padding="CIRCULAR", use_bias=False), n_steps=5, conv_aware=True)
+    x = jnp.asarray(RNG.normal(size=(2, 6, 6, 2)), jnp.float32)
+    v = layer.init(jax.random.key(0), x, update_stats=True)
+    assert v["batch_stats"]["layer_instance/kernel/u"].shape == (1, 6, 6, 2)
+    for _ in range(40):
+        y, updates = layer.apply(v, x, update_stats=True, mutable=["batch_stats"])
+        v = {**v, **updates}
+    kernel = np.asarray(v["params"]["layer_instance"]["kernel"])
+    np.testing.assert_allclose(v["batch_stats"]["layer_instance/kernel/sigma"], _circular_conv_norm(kernel, (6, 6)),
+                               rtol=1e-3)
+    sigma = float(v["batch_stats"]["layer_instance/kernel/sigma"])
+    np.testing.assert_allclose(y, nn.Conv(4, (3, 3), padding="CIRCULAR", use_bias=False).apply(
+        {"params": {"kernel": kernel / sigma}}, x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"SpectralNorm: conv_aware keeps u of the input's shape, \(1, 6, 6, 2\), but "
+                                         r"this input gives \(1, 8, 8, 2\)"):
+        layer.apply(v, jnp.ones((2, 8, 8, 2)), update_stats=False)
+    with pytest.raises(ValueError, match=r"SpectralNorm: conv_aware=True normalizes a convolution by its operator "
+                                         r"norm, but layer_instance is a Dense"):
+        normzoo.SpectralNorm(nn.Dense(3), conv_aware=True).init(jax.random.key(0), jnp.ones((1, 2)), update_stats=True)
