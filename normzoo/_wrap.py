@@ -33,7 +33,7 @@ class _Reparameterized(nn.Module):
     original leaves, so the stored parameters stay the unnormalized ones."""
 
     @nn.nowrap
-    def _run(self, args, kwargs, transform) -> Any:
+    def _run(self, args, kwargs, transform, call=None) -> Any:
         originals: dict = {}
 
         def trans_in(variables):
@@ -47,8 +47,9 @@ class _Reparameterized(nn.Module):
         def trans_out(variables):
             return jax.tree_util.tree_map_with_path(lambda path, leaf: originals.get(path, leaf), variables)
 
-        return nn.map_variables(lambda layer: layer(*args, **kwargs), trans_in_fn=trans_in, trans_out_fn=trans_out,
-                                init=self.is_initializing(), mutable=True)(self.layer_instance)
+        call = call or (lambda layer: layer(*args, **kwargs))
+        return nn.map_variables(call, trans_in_fn=trans_in, trans_out_fn=trans_out, init=self.is_initializing(),
+                                mutable=True)(self.layer_instance)
 
 
 class SpectralNorm(_Reparameterized):
@@ -223,6 +224,11 @@ class WeightNorm(_Reparameterized):
       scale_init: initializer of ``g``.
       feature_axes: the axes that keep their own norm (and scale).
       variable_filter: substrings of the parameters' paths (``'{layer}/{path}'``) to normalize.
+      data_init: (keyword-only, normzoo) at ``init``, set the scale and the wrapped layer's
+        bias from the batch so that its outputs have zero mean and standard deviation
+        ``init_scale`` per feature (Salimans & Kingma sec. 3); one normalized kernel, features
+        last.
+      init_scale: (keyword-only, normzoo) that standard deviation.
     """
 
     layer_instance: nn.Module
@@ -233,10 +239,13 @@ class WeightNorm(_Reparameterized):
     scale_init: Initializer = initializers.ones
     feature_axes: Any = -1
     variable_filter: Iterable | None = dataclasses.field(default_factory=lambda: {"kernel"})
+    data_init: bool = dataclasses.field(default=False, kw_only=True)
+    init_scale: float = dataclasses.field(default=1.0, kw_only=True)
 
     @nn.compact
     def __call__(self, *args, **kwargs) -> Any:
         """Applies ``layer_instance(*args, **kwargs)`` with its filtered weights normalized."""
+        scales: list[str] = []
 
         def normalize(path, leaf):
             value = jnp.asarray(leaf)
@@ -247,9 +256,35 @@ class WeightNorm(_Reparameterized):
                 value.ndim, self.feature_axes, argument="feature_axes", layer="WeightNorm")
             shape = tuple(value.shape[a] for a in axes)
             scale = self.param(name + "/scale", self.scale_init, shape, self.param_dtype) if self.use_scale else None
+            scales.append(name + "/scale")
             kernel = F.weight_norm(value, jnp.ones(shape, value.dtype) if scale is None else scale,
                                    epsilon=self.epsilon, feature_axes=axes)
             dtype = flax_dtypes.canonicalize_dtype(*(a for a in (leaf, scale) if a is not None), dtype=self.dtype)
             return jnp.asarray(kernel, dtype)
 
-        return self._run(args, kwargs, normalize)
+        if not (self.data_init and self.is_initializing()):
+            return self._run(args, kwargs, normalize)
+
+        def initialize(layer):
+            # Salimans & Kingma sec. 3: scale and bias so that this batch's outputs have zero mean
+            # and variance init_scale^2 per feature (the wrapped layer's bias, where it has one).
+            y = layer(*args, **kwargs)
+            if not scales and self.use_scale:  # map_variables' first pass: it creates the variables only
+                return y
+            if not self.use_scale or len(scales) != 1 or jnp.shape(self.get_variable("params", scales[0])) != y.shape[-1:]:
+                raise ValueError(
+                    f"WeightNorm: data_init needs one normalized weight whose scale has one entry per output "
+                    f"feature (the last axis, {y.shape[-1]}); got scales {scales} with use_scale={self.use_scale}. "
+                    "Use feature_axes=-1 and a variable_filter that selects one kernel, or data_init=False."
+                )
+            mean, var = _stats.moments(y, tuple(range(y.ndim - 1)), layer="WeightNorm")
+            g = self.init_scale * jax.lax.rsqrt(var + 1e-6)
+            self.put_variable("params", scales[0], jnp.asarray(g * self.get_variable("params", scales[0]),
+                                                               self.param_dtype))
+            if layer.has_variable("params", "bias"):
+                bias = layer.get_variable("params", "bias")
+                layer.put_variable("params", "bias", jnp.asarray((bias - mean) * g, jnp.result_type(bias)))
+                return jnp.asarray((y - mean) * g, y.dtype)
+            return jnp.asarray(y * g, y.dtype)
+
+        return self._run(args, kwargs, normalize, initialize)

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Callable, cast
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 from flax import nnx
 from flax.nnx.nn import dtypes as _flax_dtypes
 from flax.nnx.nn import initializers
@@ -1989,6 +1990,39 @@ class WeightNorm(_Reparameterized):
 
     def _feature_shape(self, value: Array) -> tuple[int, ...]:
         return tuple(value.shape[a] for a in self._axes(value))
+
+    def data_init(self, x: Array, *args, init_scale: float = 1.0, **kwargs) -> Array:
+        """Data-dependent initialization (Salimans & Kingma sec. 3; linen's ``data_init=True``):
+        sets the scale and the wrapped layer's ``bias`` so that this batch's outputs have zero mean
+        and standard deviation ``init_scale`` per feature (the last axis), and returns them. Needs
+        one normalized weight whose scale has one entry per output feature.
+
+        Example:
+          >>> import jax
+          >>> from flax import nnx
+          >>> from normzoo import nnx as nznnx
+          >>> layer = nznnx.WeightNorm(nnx.Linear(5, 3, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
+          >>> y = layer.data_init(jax.random.normal(jax.random.key(0), (64, 5)) * 3 + 2)
+          >>> [round(float(v), 3) for v in y.std(0)]
+          [1.0, 1.0, 1.0]
+        """
+        y = self(x, *args, **kwargs)
+        scales = self.scales
+        if scales is None or len(scales) != 1 or next(iter(scales.values()))[...].shape != y.shape[-1:]:
+            raise ValueError(
+                f"WeightNorm: data_init needs one normalized weight whose scale has one entry per output feature "
+                f"(the last axis, {y.shape[-1]}); got scales {None if scales is None else sorted(scales)}. Use "
+                "feature_axes=-1 and a variable_filter that selects one kernel."
+            )
+        mean, var = _stats.moments(y, tuple(range(y.ndim - 1)), layer="WeightNorm")
+        g = init_scale * lax.rsqrt(var + 1e-6)
+        scale = next(iter(scales.values()))
+        scale[...] = jnp.asarray(scale[...] * g, scale[...].dtype)
+        bias = getattr(self.layer_instance, "bias", None)
+        if isinstance(bias, nnx.Variable) and bias[...] is not None and bias[...].shape == mean.shape:
+            bias[...] = jnp.asarray((bias[...] - mean) * g, bias[...].dtype)
+            return (y - mean) * g
+        return y * g
 
     def __call__(self, x: Array, *args, **kwargs) -> Array:
         """``layer_instance(x, *args, **kwargs)`` with the selected weights normalized."""

@@ -478,3 +478,21 @@ def test_spectral_norm_conv_aware_layer():
     with pytest.raises(ValueError, match=r"SpectralNorm: conv_aware=True normalizes a convolution by its operator "
                                          r"norm, but layer_instance is a Dense"):
         normzoo.SpectralNorm(nn.Dense(3), conv_aware=True).init(jax.random.key(0), jnp.ones((1, 2)), update_stats=True)
+
+
+def test_weight_norm_data_dependent_init_linen_and_nnx():
+    x = jnp.asarray(RNG.normal(size=(64, 5)) * 3 + 2, jnp.float32)
+    layer = normzoo.WeightNorm(nn.Dense(4), data_init=True, init_scale=2.0)
+    y, v = layer.init_with_output(jax.random.key(0), x)
+    np.testing.assert_allclose(y.mean(0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(y.std(0), 2.0, rtol=1e-4)
+    np.testing.assert_allclose(layer.apply(v, x), y, rtol=1e-5, atol=1e-5)
+    plain = normzoo.WeightNorm(nn.Dense(4)).init(jax.random.key(0), x)
+    np.testing.assert_array_equal(v["params"]["layer_instance"]["kernel"], plain["params"]["layer_instance"]["kernel"])
+    with pytest.raises(ValueError, match=r"WeightNorm: data_init needs one normalized weight whose scale has one entry "
+                                         r"per output feature \(the last axis, 4\); got scales "):
+        normzoo.WeightNorm(nn.Dense(4), data_init=True, variable_filter={"kernel", "bias"}).init(jax.random.key(0), x)
+    module = nznnx.WeightNorm(nnx.Linear(5, 4, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
+    y = module.data_init(x, init_scale=2.0)
+    np.testing.assert_allclose(y.std(0), 2.0, rtol=1e-4)
+    np.testing.assert_allclose(module(x), y, rtol=1e-5, atol=1e-5)
