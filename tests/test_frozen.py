@@ -173,6 +173,7 @@ def test_freeze_batch_norm_makes_training_calls_inference_calls_and_back():
     assert not np.allclose(updates["batch_stats"]["BatchNorm_0"]["mean"], v["batch_stats"]["BatchNorm_0"]["mean"])
 
 
+@pytest.mark.slow  # the mixed model again, through an optimizer
 def test_batch_norm_mask_keeps_weight_decay_off_the_frozen_parameters():
     optax = pytest.importorskip("optax")
     x = jnp.asarray(RNG.normal(size=(4, 6, 6, 3)), jnp.float32)

@@ -77,6 +77,7 @@ def test_functions_against_numpy(offset):
     np.testing.assert_array_equal(same, 3.0)
 
 
+@pytest.mark.slow  # four layers' gradients at a dead channel
 def test_a_zero_channel_gives_finite_values_and_gradients():
     x = RNG.normal(size=SHAPE).astype(np.float32)
     x[..., 2] = 0.0  # a dead (ReLU) channel

@@ -152,8 +152,9 @@ def _pair(name, wrap_ours, wrap_theirs, **kw):
     return _models(wrap_ours, **kw)[name], _models(wrap_theirs, **kw)[name]
 
 
-@pytest.mark.parametrize("name,n_steps", some_slow(CASES, fast={("attention", 1)}))
-@pytest.mark.parametrize("train", [True, False])
+# The dense case with stats updated by default (attention and convolutions, and inference, in -m slow).
+@pytest.mark.parametrize("name,n_steps,train", some_slow([(n, s, t) for n, s in CASES for t in (True, False)],
+                                                         fast={("dense", 1, True)}))
 def test_spectral_norm_side_by_side_with_flax(name, n_steps, train):
     """Same variable names (u and sigma per weight of two or more axes), and on flax's variables
     the same outputs, updated u and sigma, and gradients."""
@@ -301,7 +302,7 @@ def test_weight_norm_variable_filter_selects_as_flax():
                                4 if filters == {"kernel"} else 6)
 
 
-@pytest.mark.parametrize("name", some_slow(["dense", "conv", "attention"], fast={"attention"}))
+@pytest.mark.parametrize("name", some_slow(["dense", "conv", "attention"], fast={"conv"}))
 def test_weight_norm_side_by_side_with_flax(name):
     ours, theirs = _pair(name, normzoo.WeightNorm, nn.WeightNorm)
     x = jnp.asarray(RNG.normal(size=(3, 5, 4) if name == "attention" else (3, 4)), jnp.float32)
@@ -346,7 +347,7 @@ def _sequential(rngs, update_stats):
                           nnx.BatchNorm(4, use_running_average=not update_stats, rngs=rngs))
 
 
-@pytest.mark.parametrize("update_stats", [True, False])
+@pytest.mark.parametrize("update_stats", some_slow([True, False], fast={True}))
 def test_nnx_spectral_norm_equals_flax_nnx_first_call_and_never_overwrites(update_stats):
     x = jnp.asarray(RNG.normal(size=(10, 5)), jnp.float32)
     ours = nznnx.SpectralNorm(_sequential(nnx.Rngs(0), update_stats), n_steps=3, update_stats=update_stats,
@@ -417,8 +418,8 @@ def test_tabulate_shows_what_flax_shows():
     assert "Dense_0/kernel/scale" in ours and "Dense_1/kernel/sigma" in ours and "_run" not in ours
 
 
-@pytest.mark.parametrize("dtype,param_dtype", some_slow([(jnp.float16, jnp.float16), (jnp.float32, jnp.bfloat16)],
-                                                         fast=[(jnp.float16, jnp.float16)]))
+@pytest.mark.slow  # dtypes follow flax's promotion (a compile per dtype pair)
+@pytest.mark.parametrize("dtype,param_dtype", [(jnp.float16, jnp.float16), (jnp.float32, jnp.bfloat16)])
 def test_half_precision_dtypes_as_flax(dtype, param_dtype):
     x = jnp.asarray(RNG.normal(size=(4, 5)), dtype)
     for ours, theirs, kw in [(normzoo.SpectralNorm, nn.SpectralNorm, {"update_stats": True}),
@@ -444,6 +445,7 @@ def _circular_conv_norm(kernel, size):
     return max(np.linalg.svd(spectrum[i, j], compute_uv=False)[0] for i in range(size[0]) for j in range(size[1]))
 
 
+@pytest.mark.slow  # 300 power iterations, eagerly (the layer test below checks sigma against the DFT too)
 def test_conv_spectral_norm_is_the_convolutions_operator_norm():
     kernel = RNG.normal(size=(3, 3, 2, 4)).astype(np.float32)
     want = _circular_conv_norm(kernel, (6, 6))
