@@ -1069,8 +1069,8 @@ def _evonorm_b0_map(x, var, scale, bias, v, *, training, momentum, epsilon, mask
         else:
             left = jnp.sqrt(jnp.asarray(var, xs.dtype) + epsilon)
         spatial = _spatial_axes(x, layer)
-        count, _, m2 = _stats.synced_moments(x, spatial, mask=mask, dtype=dtype, layer=layer)
-        _, instance_var = _normalizing_moments(count, _, m2)
+        count, instance_mean, m2 = _stats.synced_moments(x, spatial, mask=mask, dtype=dtype, layer=layer)
+        _, instance_var = _normalizing_moments(count, instance_mean, m2)
         right = v * xs + jnp.sqrt(jnp.expand_dims(instance_var, spatial) + epsilon)
         y = xs / jnp.maximum(left, right)
     y = y if scale is None else y * scale
@@ -1366,13 +1366,13 @@ def conv_spectral_norm(
     wf = jnp.asarray(w, jnp.promote_types(w.dtype, jnp.float32))
     op = lambda a: conv(a, wf, **options)  # noqa: E731
     u0 = jnp.asarray(u, wf.dtype)
-    v0 = op(u0)
+    v0 = u0  # set by the first iteration (n_steps >= 1)
     for _ in range(n_steps):
         v0 = _l2_normalize(op(u0), epsilon)
         (back,) = jax.vjp(op, u0)[1](v0)
         u0 = _l2_normalize(back, epsilon)
     u0, v0 = lax.stop_gradient(u0), lax.stop_gradient(v0)
-    sigma = jnp.sum(v0 * conv(u0, jnp.asarray(w, wf.dtype), **options))
+    sigma = jnp.sum(v0 * op(u0))
     w_bar = w / jnp.where(sigma != 0, sigma, 1)
     out = flax_dtypes.canonicalize_dtype(kernel, sigma, dtype=dtype)
     return SpectralNormOut(jnp.asarray(w_bar, out), u0, sigma)
