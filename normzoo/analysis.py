@@ -18,6 +18,11 @@ anything else the loss reads (inputs, labels, ``batch_stats``, an rng key), so o
   and normalizer (percentiles, histogram, share below zero or saturated, per-channel mean
   and variance), and :func:`distribution_shift`, their change between two parameter values:
   the distributional view of internal covariate shift.
+* :func:`jacobian_spectrum`: the singular values of a layer's or block's input-output Jacobian
+  (exact SVD for small inputs, Lanczos on Jacobian-vector products for large ones).
+* :func:`invariance_probe`: the relative change of a model's output when a layer's weights, the
+  whole input or each example is re-scaled, and the ratio of the weights' gradient norms: which
+  row of the invariance table a normalizer has.
 
 Example (a two-layer linear model; the first layer has no predecessor, so its shift is 0):
   >>> import jax, jax.numpy as jnp
@@ -56,8 +61,9 @@ from normzoo.deploy import _sub_jaxprs
 Array = jax.Array
 LossFn = Callable[[Any, Any], Array]
 
-__all__ = ["ActivationStats", "InternalCovariateShift", "Landscape", "activation_stats", "capture",
-           "distribution_shift", "internal_covariate_shift", "layer_names", "loss_landscape"]
+__all__ = ["ActivationStats", "InternalCovariateShift", "Invariance", "JacobianSpectrum", "Landscape",
+           "activation_stats", "capture", "distribution_shift", "internal_covariate_shift", "invariance_probe",
+           "jacobian_spectrum", "layer_names", "loss_landscape"]
 
 
 # ----------------------------------------------------------------------------- parameters by layer
@@ -442,3 +448,261 @@ def distribution_shift(before: Mapping[str, ActivationStats], after: Mapping[str
             "std": jnp.mean(jnp.abs(jnp.sqrt(a.channel_var) - jnp.sqrt(b.channel_var))),
         }
     return out
+
+
+# ----------------------------------------------------------------------------- Jacobian spectrum
+
+
+@dataclasses.dataclass(frozen=True)
+class JacobianSpectrum:
+    """The singular values of the Jacobian ``J = d fn(x) / d x`` (inputs and outputs flattened).
+
+    Attributes:
+      singular_values: descending. Exact: all ``min(out, in)`` of them. Lanczos: the Ritz
+        values' square roots, one per iteration (the extremes converge first; the interior
+        ones are a coarse picture of the spectrum).
+      weights: the share of the spectrum each value stands for (exact: ``1/len``; Lanczos: the
+        squared first components of the tridiagonal matrix's eigenvectors, the stochastic
+        Lanczos quadrature weights), summing to 1: ``histogram`` uses them.
+      method: ``"exact"`` or ``"lanczos"``.
+      shape: ``(out_size, in_size)`` of ``J``.
+    """
+
+    singular_values: np.ndarray
+    weights: np.ndarray
+    method: str
+    shape: tuple[int, int]
+
+    @property
+    def largest(self) -> float:
+        """The largest singular value (the operator norm of ``J``)."""
+        return float(self.singular_values[0])
+
+    @property
+    def smallest(self) -> float:
+        """The smallest singular value found (0 when ``J`` has a null space, as BatchNorm's
+        Jacobian over the batch has: the mean and scale directions of each channel)."""
+        return float(self.singular_values[-1])
+
+    def smallest_nonzero(self, rtol: float = 1e-4) -> float:
+        """The smallest singular value above ``rtol * largest``."""
+        s = self.singular_values[self.singular_values > rtol * self.largest]
+        return float(s[-1]) if s.size else 0.0
+
+    def histogram(self, edges: Sequence[float]) -> np.ndarray:
+        """The share of singular values in each bin of ``edges`` (values outside are dropped)."""
+        return np.histogram(self.singular_values, bins=np.asarray(edges), weights=self.weights)[0]
+
+
+def _flat_fn(fn: Callable[[Array], Array], x: Array) -> tuple[Callable[[Array], Array], Array]:
+    shape, dtype = x.shape, jnp.promote_types(x.dtype, jnp.float32)
+    return (lambda v: jnp.ravel(jnp.asarray(fn(jnp.reshape(v, shape)), dtype))), jnp.ravel(jnp.asarray(x, dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("fn", "iterations"))
+def _lanczos(fn, x: Array, v0: Array, iterations: int):
+    """Lanczos with full re-orthogonalization on ``J^T J`` (one JVP and one VJP per step)."""
+    _, vjp = jax.vjp(fn, x)
+    linear = jax.linearize(fn, x)[1]
+
+    def gram(v):
+        return vjp(linear(v))[0]
+
+    n = x.size
+    basis = jnp.zeros((iterations + 1, n), x.dtype).at[0].set(v0 / jnp.linalg.norm(v0))
+
+    def step(j, carry):
+        basis, alpha, beta = carry
+        v = basis[j]
+        w = gram(v)
+        a = jnp.vdot(v, w)
+        for _ in range(2):  # twice is enough (Parlett's "twice is enough")
+            w = w - basis.T @ (basis @ w)
+        b = jnp.linalg.norm(w)
+        ok = b > 1e-6 * jnp.maximum(jnp.abs(a), 1e-30)
+        basis = basis.at[j + 1].set(jnp.where(ok, w / jnp.where(ok, b, 1.0), 0.0))
+        return basis, alpha.at[j].set(a), beta.at[j].set(jnp.where(ok, b, 0.0))
+
+    init = (basis, jnp.zeros(iterations, x.dtype), jnp.zeros(iterations, x.dtype))
+    _, alpha, beta = jax.lax.fori_loop(0, iterations, step, init)
+    return alpha, beta
+
+
+def jacobian_spectrum(
+    fn: Callable[[Array], Array],
+    x: Array,
+    *,
+    method: str = "auto",
+    iterations: int = 64,
+    key: Array | None = None,
+    max_exact: int = 4096,
+) -> JacobianSpectrum:
+    r"""The singular values of the input–output Jacobian of ``fn`` at ``x``.
+
+    ``fn`` maps an array to an array (a layer or block with its variables closed over, e.g.
+    ``lambda x: model.apply(variables, x, train=True, mutable=["batch_stats"])[0]``); ``J`` is
+    the Jacobian of the flattened output with respect to the flattened input, so for a layer
+    with batch statistics it includes the coupling between examples.
+
+    * ``method="exact"``: ``J`` by forward-mode differentiation and all its singular values by
+      SVD (float64 on the host); for inputs of up to a few thousand elements.
+    * ``method="lanczos"``: ``iterations`` steps of Lanczos with full re-orthogonalization on
+      ``J^T J``, each one Jacobian-vector and one vector-Jacobian product, never forming ``J``:
+      the largest singular value converges in a few tens of steps; the smallest and the
+      interior ones are estimates (Ritz values), and ``weights`` are the stochastic Lanczos
+      quadrature weights of the spectral density from one random start vector (``key``).
+    * ``method="auto"``: exact when the input has at most ``max_exact`` elements.
+
+    Example (a linear map with singular values 3, 2 and 0.5):
+      >>> import jax.numpy as jnp
+      >>> from normzoo import analysis
+      >>> m = jnp.diag(jnp.array([3.0, 2.0, 0.5]))
+      >>> s = analysis.jacobian_spectrum(lambda x: m @ x, jnp.ones(3))
+      >>> s.singular_values.round(4).tolist(), s.method
+      ([3.0, 2.0, 0.5], 'exact')
+      >>> round(analysis.jacobian_spectrum(lambda x: m @ x, jnp.ones(3), method="lanczos").largest, 4)
+      3.0
+    """
+    if method not in ("auto", "exact", "lanczos"):
+        raise ValueError(f"jacobian_spectrum: method={method!r}; use 'auto', 'exact' or 'lanczos'.")
+    if not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"jacobian_spectrum: iterations={iterations!r} must be a positive int.")
+    x = jnp.asarray(x)
+    flat, v = _flat_fn(fn, x)
+    out_size = int(jax.eval_shape(flat, v).size)
+    shape = (out_size, int(v.size))
+    if method == "auto":
+        method = "exact" if v.size <= max_exact else "lanczos"
+    if method == "exact":
+        jac = np.asarray(jax.jit(jax.jacfwd(flat))(v), np.float64)
+        s = np.linalg.svd(jac, compute_uv=False)
+        return JacobianSpectrum(s, np.full(s.shape, 1.0 / max(s.size, 1)), "exact", shape)
+    k = min(iterations, int(v.size))
+    v0 = jax.random.normal(jax.random.key(0) if key is None else key, v.shape, v.dtype)
+    alpha, beta = (np.asarray(a, np.float64) for a in _lanczos(flat, v, v0, k))
+    steps = k
+    stops = np.flatnonzero(beta[: k - 1] == 0)  # an invariant subspace: the rest is padding
+    if stops.size:
+        steps = int(stops[0]) + 1
+    tri = np.diag(alpha[:steps]) + np.diag(beta[: steps - 1], 1) + np.diag(beta[: steps - 1], -1)
+    theta, vecs = np.linalg.eigh(tri)
+    order = np.argsort(theta)[::-1]
+    s = np.sqrt(np.clip(theta[order], 0.0, None))
+    return JacobianSpectrum(s, vecs[0, order] ** 2, "lanczos", shape)
+
+
+# ----------------------------------------------------------------------------- invariance probe
+
+
+@dataclasses.dataclass(frozen=True)
+class Invariance:
+    """What re-scaling does to a model, per factor ``a`` in ``factors``.
+
+    Attributes:
+      factors: the scale factors.
+      weights_output: ``||f(aW, x) - f(W, x)|| / ||f(W, x)||`` with the chosen weights ``W``
+        multiplied by ``a`` (0 for a normalizer that undoes it: BatchNorm after the layer,
+        weight normalization, cosine normalization).
+      weights_grad_ratio: ``||grad_W L(aW)|| / ||grad_W L(W)||`` for a fixed random linear
+        loss of the output: ``1/a`` where the output is invariant (the gradient shrinks as the
+        weights grow, an automatic learning-rate decay).
+      input_output: ``||f(W, a x) - f(W, x)|| / ||f(W, x)||``: the whole input (dataset)
+        re-scaled.
+      example_output: the same with each example ``i`` re-scaled by its own factor, ``a``
+        raised to powers spread evenly over [-1, 1] across the batch.
+    """
+
+    factors: tuple[float, ...]
+    weights_output: np.ndarray
+    weights_grad_ratio: np.ndarray
+    input_output: np.ndarray
+    example_output: np.ndarray
+
+
+def _select(params: Any, weights: str | Callable[[str, Any], bool]) -> list[bool]:
+    paths = [p for p, _ in _ordered_leaves(params)]
+    if callable(weights):
+        return [bool(weights(p, leaf)) for p, leaf in _ordered_leaves(params)]
+    return [p == weights or p.endswith("/" + weights) or p.startswith(weights + "/") for p in paths]
+
+
+def invariance_probe(
+    fn: Callable[[Any, Array], Array],
+    params: Any,
+    x: Array,
+    *,
+    weights: str | Callable[[str, Any], bool] = "kernel",
+    factors: Sequence[float] = (0.1, 0.5, 2.0, 10.0),
+    key: Array | None = None,
+) -> Invariance:
+    r"""Measures which re-scalings ``fn(params, x)`` is invariant to (the invariance table of
+    the normalization framework :math:`h = f(g \cdot (x - \mu)/\sigma + b)`).
+
+    For each factor ``a``: the relative change of the output when the weights chosen by
+    ``weights`` are multiplied by ``a`` (with the ratio of their gradient norms), when the whole
+    input is multiplied by ``a``, and when each example is multiplied by its own factor
+    (``a ** t_i``, ``t_i`` evenly spaced in [-1, 1]). The axis 0 of ``x`` is the batch.
+
+    ``weights`` is a parameter path (``"Dense_0/kernel"``), a last path component matched
+    anywhere (the default ``"kernel"``: every kernel), a module path (``"Dense_0"``: all of its
+    parameters), or ``weights(path, leaf) -> bool``. The gradient is of ``sum(r * fn(params,
+    x))`` for a fixed random ``r`` (``key``); for an output invariant to the re-scaling it is
+    exactly ``1/a`` times the original for any loss.
+
+    Example (LayerNorm undoes each example's scale; BatchNorm after a Dense layer undoes the
+    kernel's; neither undoes the other's):
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> import normzoo
+      >>> from normzoo import analysis
+      >>> x = jax.random.normal(jax.random.key(0), (16, 8))
+      >>> def probe(norm):
+      ...     model = nn.Sequential([nn.Dense(8, use_bias=False), norm])
+      ...     variables = model.init(jax.random.key(1), x)
+      ...     fn = lambda p, x: model.apply({**variables, "params": p}, x, mutable=["batch_stats"])[0]
+      ...     return analysis.invariance_probe(fn, variables["params"], x, factors=(10.0,))
+      >>> bn, ln = probe(normzoo.BatchNorm(use_running_average=False)), probe(normzoo.LayerNorm())
+      >>> [bool(bn.weights_output[0] < 1e-4), bool(bn.example_output[0] < 1e-4)]
+      [True, False]
+      >>> [bool(ln.weights_output[0] < 1e-4), bool(ln.example_output[0] < 1e-4)]
+      [True, True]
+      >>> round(float(bn.weights_grad_ratio[0]), 3)
+      0.1
+    """
+    factors = tuple(float(a) for a in factors)
+    if not factors or any(not np.isfinite(a) or a <= 0 for a in factors):
+        raise ValueError(f"invariance_probe: factors={factors!r} must be finite and positive.")
+    x = jnp.asarray(x)
+    if x.ndim < 1 or x.shape[0] < 1:
+        raise ValueError(f"invariance_probe: x of shape {x.shape} needs a batch axis 0.")
+    chosen = _select(params, weights)
+    if not any(chosen):
+        paths = [p for p, _ in _ordered_leaves(params)]
+        raise ValueError(f"invariance_probe: weights={weights!r} selects no parameter; the paths are {paths}.")
+    base = jax.eval_shape(fn, params, x)
+    r = jax.random.normal(jax.random.key(1) if key is None else key, base.shape, jnp.float32)
+    t = jnp.linspace(-1.0, 1.0, x.shape[0]).reshape((-1,) + (1,) * (x.ndim - 1))
+
+    def scaled(a):
+        leaves = _leaves_like(params, params)
+        return _rebuild(params, [leaf * a if c else leaf for c, leaf in zip(chosen, leaves)])
+
+    def grad_norm(p):
+        g = jax.grad(lambda q: jnp.sum(r * jnp.asarray(fn(q, x), jnp.float32)))(p)
+        gs = [leaf for c, leaf in zip(chosen, _leaves_like(params, g)) if c]
+        return jnp.sqrt(sum(jnp.sum(jnp.square(jnp.asarray(leaf, jnp.float32))) for leaf in gs))
+
+    @jax.jit
+    def measure(params, x, a):
+        y = jnp.asarray(fn(params, x), jnp.float32)
+        norm = jnp.linalg.norm(y)
+
+        def change(z):
+            return jnp.linalg.norm(jnp.asarray(z, jnp.float32) - y) / norm
+
+        g0 = grad_norm(params)
+        return (change(fn(scaled(a), x)), grad_norm(scaled(a)) / g0,
+                change(fn(params, x * a)), change(fn(params, x * a ** t)))
+
+    rows = [jax.device_get(measure(params, x, jnp.float32(a))) for a in factors]
+    cols = [np.asarray([row[i] for row in rows], np.float64) for i in range(4)]
+    return Invariance(factors, *cols)
