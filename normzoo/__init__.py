@@ -10,6 +10,7 @@ from normzoo._sample import (EvoNormS0, FilterResponseNorm, GlobalResponseNorm, 
 from normzoo._stats import moments, sync_batch_stats
 from normzoo._weight import (CosineConv, CosineDense, ScaledStdConv, ScaledStdDense, StdConv, StdDense, WeightNormConv,
                              WeightNormDense)
+from normzoo._whiten import IterNorm
 from normzoo._wrap import SpectralNorm, WeightNorm
 from normzoo import functional, sbx  # noqa: E402  (normzoo.sbx.BatchRenorm: drop-in for sbx / CrossQ)
 
@@ -29,6 +30,7 @@ __all__ = [
     "IBN",
     "Identity",
     "InstanceNorm",
+    "IterNorm",
     "LayerNorm",
     "LpBatchNorm",
     "MeanOnlyBatchNorm",

@@ -18,6 +18,7 @@ from normzoo._composite import IBN
 from normzoo._sample import (EvoNormS0, FilterResponseNorm, GlobalResponseNorm, GroupNorm, InstanceNorm, LayerNorm,
                              RMSNorm)
 from normzoo._weight import CosineConv, CosineDense, StdConv, StdDense, WeightNormConv, WeightNormDense
+from normzoo._whiten import IterNorm
 
 Array = jax.Array
 
@@ -121,6 +122,9 @@ _TABLE: dict[str, _Entry] = {
     "group_ws": _Entry(GroupNorm, {"num_groups": 4}, dense=StdDense, conv=StdConv),
     "evonorm_s0": _Entry(EvoNormS0, {"num_groups": 4}),
     "evonorm_b0": _Entry(EvoNormB0),
+    # IterNorm (Huang et al. 2019): the channels whitened in groups of 64 (one group of all of
+    # them in layers with fewer, as every layer of the CIFAR models), T = 5 Newton-Schulz steps.
+    "iter": _Entry(IterNorm),
 }
 
 

@@ -353,10 +353,12 @@ def loss_landscape(
 
 
 def _probed() -> tuple[type, ...]:
+    from normzoo import _whiten
+
     return (nn.Dense, nn.Conv, nn.ConvTranspose, nn.DenseGeneral, nn.BatchNorm, nn.LayerNorm, nn.GroupNorm,
             nn.RMSNorm, nn.InstanceNorm, _batch._Mapped, _sample.LayerNorm, _sample.GroupNorm, _sample.RMSNorm,
             _sample.InstanceNorm, _weight.WeightNormDense, _weight.WeightNormConv, _weight.CosineDense,
-            _weight.CosineConv, _composite.IBN, Identity)
+            _weight.CosineConv, _composite.IBN, Identity, _whiten.IterNorm)
 
 
 def capture(model: nn.Module, variables: Any, *args, filter: Callable | None = None, **apply_kwargs):

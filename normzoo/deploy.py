@@ -10,7 +10,8 @@ r"""From training to deployment, for any Flax (linen) model.
   (:math:`m = \gamma / \sqrt{\sigma^2 + \epsilon}`, :math:`a = \beta`). WeightNorm's ``g v / ||v||`` is
   materialized into a plain kernel. Every other batch-statistics normalizer becomes its
   per-channel map; per-example normalizers (LayerNorm, GroupNorm, InstanceNorm, RMSNorm,
-  IBN's instance part, CosineNorm) stay as they are. The pairs are found from the model itself:
+  IBN's instance part, CosineNorm), EvoNorm-B0 and IterNorm (whose inference map mixes the
+  channels of a group) stay as they are. The pairs are found from the model itself:
   one trace with every module call intercepted.
 * :func:`precise_batch_stats` (precise BN) and :func:`adabn`: recompute the running statistics
   with the trained parameters as the exact average of per-batch statistics over N batches,
@@ -44,6 +45,7 @@ from normzoo._composite import IBN
 from normzoo._sample import (EvoNormS0, FilterResponseNorm, GlobalResponseNorm, GroupNorm, InstanceNorm, LayerNorm,
                              RMSNorm)
 from normzoo._stats import AffineMap
+from normzoo._whiten import IterNorm
 from normzoo._torch import Port, from_torch, port_torch, to_torch, torch_activations
 
 __all__ = ["Folded", "Port", "adabn", "batch_statistics", "fold", "fold_pair", "from_torch", "port_torch",
@@ -70,6 +72,7 @@ _PER_EXAMPLE = (LayerNorm, GroupNorm, InstanceNorm, RMSNorm, _weight.CosineDense
                 nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.InstanceNorm, FilterResponseNorm, GlobalResponseNorm,
                 EvoNormS0)
 _NONLINEAR = (EvoNormB0,)  # batch statistics, but normalization and activation in one: not an affine map
+_WHITENING = (IterNorm,)  # an affine map, but a matrix across the channels of each group: not per channel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +134,7 @@ class Folded:
 class _Call:
     path: tuple[str, ...]
     module: nn.Module
-    role: str  # "producer", "batch" (flax or normzoo, one map), "ibn", "kept", "nonlinear"
+    role: str  # "producer", "batch" (flax or normzoo, one map), "ibn", "kept", "nonlinear", "whitening"
     map: tuple | None = None  # (mean, mul, add) of a batch normalizer, IBN's batch part's
     dtype: Any = None  # the dtype the normalizer (or IBN's batch part) returned
     rank: int = 0  # the normalizer's input rank
@@ -199,6 +202,9 @@ def _discover(model, method, kwargs):
             calls.append(_Call(path, m, "kept"))
         if name == "__call__" and isinstance(m, _NONLINEAR):
             calls.append(_Call(path, m, "nonlinear"))
+        if name == "__call__" and isinstance(m, _WHITENING):
+            _inference_flag(m, args, kw, path)
+            calls.append(_Call(path, m, "whitening"))
         return next_fun(*args, **kw)
 
     def fn(variables, *args):
@@ -298,7 +304,8 @@ def fold(model: nn.Module, variables: Mapping, *args, method: Callable | str | N
     that cannot be folded (after an activation, an add, a reshape; producer output used twice;
     statistics along another axis than the producer's channels; modules called more than once)
     become their map (three vectors, applied as ``(x - mean) * mul + add``). Per-example
-    normalizers stay and are reported as kept.
+    normalizers, normalization-activation layers (EvoNorm-B0) and whitening layers (IterNorm,
+    whose map multiplies by a matrix across channels) stay and are reported as kept.
 
     Example:
       >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -404,6 +411,10 @@ def _plan(model, variables, args, method, kwargs):
         if c.role == "nonlinear":
             decisions.append(_Decision(index, "kept", "a normalization-activation layer (not an affine map): "
                                                       "nothing to fold"))
+            continue
+        if c.role == "whitening":
+            decisions.append(_Decision(index, "kept", "whitening: its inference map multiplies by a matrix across "
+                                                      "the channels of each group, not a per-channel scale and shift"))
             continue
         if c.map is None:  # IBN with ratio 1: no batch part
             decisions.append(_Decision(index, "kept", "no batch-statistics part (ratio=1)"))
@@ -523,7 +534,7 @@ def _verify(result: Folded, args, kwargs, reference) -> Folded:
 
 # ----------------------------------------------------------------------------- statistics
 
-_AVERAGED = ("mean", "var")  # the running statistics re-estimated; other batch_stats stay
+_AVERAGED = ("mean", "var", "whitening")  # the running statistics re-estimated; other batch_stats stay
 
 
 def _momentum_field(mdl: nn.Module) -> bool:

@@ -66,6 +66,7 @@ __all__ = [
     "BatchStats",
     "RenormStats",
     "SpectralNormOut",
+    "WhiteningStats",
     "batch_norm",
     "batch_renorm",
     "conv",
@@ -80,10 +81,12 @@ __all__ = [
     "group_norm",
     "ibn",
     "instance_norm",
+    "iter_norm",
     "layer_norm",
     "lp_batch_norm",
     "mean_only_batch_norm",
     "moments",
+    "newton_schulz_whitening",
     "noisy_batch_norm",
     "rms_norm",
     "spectral_norm",
@@ -1111,6 +1114,325 @@ def evonorm_b0(
     return _evonorm_b0_map(x, var, scale, bias, v, training=training, momentum=momentum, epsilon=epsilon, mask=mask,
                            axis_name=axis_name, axis_index_groups=axis_index_groups,
                            virtual_batch_size=virtual_batch_size, dtype=dtype, layer="evonorm_b0")
+
+
+# --------------------------------------------------------------------------- whitening: IterNorm
+
+
+class WhiteningStats(NamedTuple):
+    """IterNorm's running statistics: the ``mean`` (C,) and the ``whitening`` matrices
+    (num_groups, c, c), one per group of ``c`` channels."""
+
+    mean: Array | None
+    whitening: Array | None
+
+
+_HIGHEST = lax.Precision.HIGHEST  # covariances and whitening in full float32, also where TF32 is the default
+
+
+def _whitening_groups(channels: int, group_size: Any, layer: str) -> tuple[int, int]:
+    """``(num_groups, c)``: groups of ``group_size`` channels, one group of all when fewer."""
+    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size <= 0:
+        raise ValueError(
+            f"{layer}: group_size={group_size!r} must be a positive int: the number of channels whitened "
+            "together (the paper's default is 64)."
+        )
+    size = min(int(group_size), max(channels, 1))
+    if channels % size:
+        divisors = [d for d in range(1, channels + 1) if channels % d == 0 and d <= size]
+        raise ValueError(
+            f"{layer}: group_size={group_size} does not divide the {channels} channels of the input; choose "
+            f"a divisor of {channels} (e.g. group_size={divisors[-1]}), or group_size >= {channels} to whiten "
+            "all channels as one group."
+        )
+    return channels // size, size
+
+
+def _whitening_layout(x: Array, axis: Axes, virtual_batch_size: int | None, group_size: Any,
+                      layer: str) -> tuple[_Layout, int, int]:
+    """``(layout, num_groups, c)``: ``axis`` (one) and the groups of its channels, validated."""
+    layout = _layout(x, axis, virtual_batch_size, layer)
+    if len(layout.features) != 1:
+        raise ValueError(
+            f"{layer}: axis={axis!r} names {len(layout.features)} axes; IterNorm whitens the channels of "
+            "one feature axis: give one int (e.g. axis=-1 for channels last)."
+        )
+    return (layout, *_whitening_groups(layout.shape[0], group_size, layer))
+
+
+def _check_iterations(iterations: Any, layer: str) -> int:
+    if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 0:
+        raise ValueError(
+            f"{layer}: iterations={iterations!r} must be a non-negative int: the number T of Newton-Schulz "
+            "steps (the paper's default is 5)."
+        )
+    return int(iterations)
+
+
+def _row_mask(mask: Array | None, x: Array, axis: int, layer: str) -> Array | None:
+    """The mask of positions (x's shape without the channel axis): a position enters the
+    covariance with all its channels or not at all."""
+    if mask is None:
+        return None
+    full = _stats.check_mask(mask, x, layer=layer)
+    aligned = (1,) * (x.ndim - jnp.ndim(mask)) + tuple(jnp.shape(mask))
+    if aligned[axis] != 1 and x.shape[axis] != 1:
+        raise ValueError(
+            f"{layer}: `mask` of shape {tuple(jnp.shape(mask))} varies along the channel axis {axis} of the input "
+            f"of shape {tuple(x.shape)}; the covariance pairs channels, so a position counts for all of them "
+            "or none: give the mask size 1 along that axis (e.g. mask[..., :1] for channels last)."
+        )
+    assert full is not None
+    return lax.index_in_dim(full, 0, axis, keepdims=False)
+
+
+def newton_schulz_whitening(sigma: Array, iterations: int = 5) -> Array:
+    r"""IterNorm's whitening matrices of covariances ``sigma`` (``(..., c, c)``, symmetric positive
+    definite): :math:`\Sigma_N = \Sigma / \mathrm{tr}\,\Sigma`, :math:`P_0 = I`,
+    :math:`P_k = \tfrac12 (3 P_{k-1} - P_{k-1}^3 \Sigma_N)`, :math:`W = P_T / \sqrt{\mathrm{tr}\,\Sigma}`,
+    which tends to :math:`\Sigma^{-1/2}` as ``iterations`` = T grows (Huang et al. 2019, arXiv:1904.03441).
+
+    Computed in the coupled form (Higham, "Functions of Matrices", 2008, eq. 6.35):
+    :math:`Y_0 = \Sigma_N, P_0 = I`, :math:`T_k = \tfrac12 (3I - P_{k-1} Y_{k-1})`,
+    :math:`P_k = T_k P_{k-1}`, :math:`Y_k = Y_{k-1} T_k`. Every matrix here is a polynomial in
+    :math:`\Sigma_N` (:math:`Y_k = \Sigma_N P_k`), so this is the paper's :math:`P_k` exactly, in as
+    many products; but rounding errors do not grow in it, while the paper's form amplifies
+    them once converged whenever the condition number of :math:`\Sigma` exceeds 9 (the
+    float32 iteration overflows to NaN after ~20 steps on such data).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from normzoo import functional as F
+      >>> w = F.newton_schulz_whitening(jnp.diag(jnp.array([4.0, 1.0])), iterations=30)
+      >>> [[round(float(v), 4) for v in row] for row in w]
+      [[0.5, 0.0], [0.0, 1.0]]
+    """
+    c = sigma.shape[-1]
+    trace = jnp.trace(sigma, axis1=-2, axis2=-1)[..., None, None]
+    y = sigma / trace
+    eye = jnp.eye(c, dtype=sigma.dtype)
+    p = jnp.broadcast_to(eye, sigma.shape)
+    def mm(a, b):
+        return jnp.matmul(a, b, precision=_HIGHEST)
+
+    for _ in range(iterations):
+        t = 1.5 * eye - 0.5 * mm(p, y)
+        p, y = mm(t, p), mm(y, t)
+    return p * lax.rsqrt(trace)
+
+
+def _group_moments(xg: Array, rows: Array | None) -> tuple[Array, Array, Array]:
+    """``(count, mean, M2)`` of ``xg`` (``(..., M, G, c)``) over its positions ``M``: ``M2`` the
+    (G, c, c) sums of outer products of the centred rows. The mean comes first and the outer
+    products are of centred data, so a large mean costs nothing (no ``E[xx^T] - mu mu^T``)."""
+    if rows is None:
+        count = jnp.full(xg.shape[:-3], xg.shape[-3], xg.dtype)
+    else:
+        count = jnp.sum(rows, -1, dtype=xg.dtype)
+        xg = jnp.where(rows[..., None, None], xg, 0)
+    safe = jnp.maximum(count, 1)[..., None, None]
+    mean = jnp.sum(xg, -3) / safe
+    centered = xg - mean[..., None, :, :]
+    if rows is not None:
+        centered = jnp.where(rows[..., None, None], centered, 0)
+    m2 = jnp.einsum("...mgi,...mgj->...gij", centered, centered, precision=_HIGHEST)
+    return count, mean, m2
+
+
+def _combine_group_moments(count: Array, mean: Array, m2: Array) -> tuple[Array, Array, Array]:
+    """Chan's parallel formula along the leading (device) axis, for covariance matrices:
+    ``M2 = sum_i M2_i + sum_i n_i (m_i - m)(m_i - m)^T``."""
+    total = jnp.sum(count, 0)
+    pivot = lax.stop_gradient(mean[jnp.argmax(count)])
+    weight = count[:, None, None]
+    combined = pivot + jnp.sum(weight * (mean - pivot), 0) / jnp.maximum(total, 1)
+    d = mean - combined
+    spread = jnp.einsum("d,dgi,dgj->gij", count, d, d, precision=_HIGHEST)
+    return total, combined, jnp.sum(m2, 0) + spread
+
+
+def _synced_group_moments(xg, rows, sync: _Sync):
+    """:func:`_group_moments` over the global batch: every device's ``(count, mean, M2)`` in one
+    ``psum`` (:func:`normzoo._stats.gather_all`), combined by Chan's formula."""
+    count, mean, m2 = _group_moments(xg, rows)
+    if sync.axis_name is None:
+        return count, mean, m2
+    flat = jnp.concatenate([count[None], jnp.ravel(mean), jnp.ravel(m2)])
+    stacked, member = _stats.gather_all(flat, sync.axis_name, sync.groups, layer=sync.layer)
+    n_i = stacked[:, 0]
+    if member is not None:  # devices outside this group count for nothing
+        n_i = jnp.where(member, n_i, 0)
+    mean_i = jnp.reshape(stacked[:, 1:1 + mean.size], (-1,) + mean.shape)
+    m2_i = jnp.reshape(stacked[:, 1 + mean.size:], (-1,) + m2.shape)
+    return _combine_group_moments(n_i, mean_i, jnp.where(n_i[:, None, None, None] > 0, m2_i, 0))
+
+
+def _valid_average(valid: Array, a: Array) -> Array:
+    """The average of ``a`` over its leading axis where ``valid`` (zeros where none is)."""
+    v = jnp.reshape(valid, valid.shape + (1,) * (a.ndim - 1))
+    return jnp.sum(jnp.where(v, a, 0), 0) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def _iter_map(
+    x: Array, mean: Array | None, whitening: Array | None, scale: Array | None, bias: Array | None, *,
+    training: bool, group_size: int, iterations: int, momentum: float, epsilon: float, axis: Axes,
+    mask: Array | None, axis_name: str | None, axis_index_groups: Any, virtual_batch_size: int | None,
+    dtype: Any, layer: str,
+) -> tuple[Array, WhiteningStats]:
+    """IterNorm: ``(y, WhiteningStats)`` (see :func:`iter_norm`)."""
+    if jnp.iscomplexobj(x):
+        raise TypeError(
+            f"{layer}: complex input (dtype {jnp.result_type(x)}) is not supported: whitening a complex "
+            "signal needs the Hermitian covariance and its own Newton-Schulz iteration; whiten the real and "
+            "imaginary parts as separate channels instead."
+        )
+    layout, groups, size = _whitening_layout(x, axis, virtual_batch_size if training else None, group_size, layer)
+    (ax,) = layout.features
+    channels = x.shape[ax]
+    iterations = _check_iterations(iterations, layer)
+    _check_features(layer, x, layout.features, "axis", mean=mean, scale=scale, bias=bias)
+    if whitening is not None and tuple(jnp.shape(whitening)) != (groups, size, size):
+        raise ValueError(
+            f"{layer}: `whitening` has shape {tuple(jnp.shape(whitening))}, but {channels} channels in groups "
+            f"of {size} (group_size={group_size}) need ({groups}, {size}, {size}): one matrix per group."
+        )
+    _check_momentum(momentum, layer=layer)
+    rows = _row_mask(mask, x, ax, layer)
+    nominal = _stats.stats_dtype(x.dtype, dtype)
+    ghosts = layout.ghosts or 1
+    # Channels last and split into groups, with a leading axis of ghost batches (1 without).
+    xg = jnp.reshape(jnp.moveaxis(jnp.asarray(x, nominal), ax, -1), (ghosts, -1, groups, size))
+    if rows is not None:
+        rows = jnp.reshape(rows, (ghosts, -1))
+    eye = jnp.eye(size, dtype=nominal)
+    if training:
+        if layout.ghosts is None:
+            sync = _Sync(nominal, axis_name, axis_index_groups, layer)
+            count, mu, m2 = (a[None] for a in _synced_group_moments(xg[0], None if rows is None else rows[0], sync))
+        else:  # ghost statistics stay on each device (as batch_norm's)
+            count, mu, m2 = _group_moments(xg, rows)
+        has = (count > 0)[:, None, None, None]
+        # An empty (fully masked) batch has no statistics: the neutral ones (mean 0, covariance I).
+        mu = jnp.where(has[..., 0], mu, 0)
+        sigma = jnp.where(has, m2 / jnp.maximum(count, 1)[:, None, None, None], eye) + epsilon * eye
+        center = mu
+        wm = newton_schulz_whitening(sigma, iterations)
+        # The running statistics move toward the average over the (ghost) batches that hold data
+        # and, with ghost batches and axis_name, over the devices (one more psum of the averages).
+        valid = count > 0
+        run_mean, run_w, any_valid = _valid_average(valid, mu), _valid_average(valid, wm), jnp.any(valid)
+        if layout.ghosts is not None and axis_name is not None:
+            parts = jnp.concatenate([jnp.ravel(run_mean), jnp.ravel(run_w), any_valid[None].astype(nominal)])
+            stacked, member = _stats.gather_all(parts, axis_name, axis_index_groups, layer=layer)
+            valid = stacked[:, -1] > 0
+            if member is not None:
+                valid = jnp.logical_and(valid, member)
+            k = run_mean.size
+            run_mean = _valid_average(valid, jnp.reshape(stacked[:, :k], (-1,) + run_mean.shape))
+            run_w = _valid_average(valid, jnp.reshape(stacked[:, k:-1], (-1,) + run_w.shape))
+            any_valid = jnp.any(valid)
+        run_mean = jnp.reshape(run_mean, (channels,))
+        if mean is None and whitening is None:  # no running statistics given: the batch's own
+            stats = WhiteningStats(lax.stop_gradient(run_mean), lax.stop_gradient(run_w))
+        else:
+            stats = WhiteningStats(_ema(mean, run_mean, momentum, any_valid, nominal),
+                                   _ema(whitening, run_w, momentum, any_valid, nominal))
+    else:
+        if mean is None or whitening is None:
+            raise ValueError(
+                f"{layer}: training=False whitens with the running statistics, but "
+                f"{'`mean`' if mean is None else '`whitening`'} is None; pass the running statistics "
+                "(or training=True to use the batch's)."
+            )
+        stats = WhiteningStats(mean, whitening)
+        center = jnp.reshape(jnp.asarray(mean, nominal), (1, groups, size))
+        wm = jnp.asarray(whitening, nominal)[None]
+    centered = xg - center[:, None]
+    y = jnp.einsum("bmgj,bgij->bmgi", centered, wm, precision=_HIGHEST)  # x_hat = (x - mu) W^T, per group
+    moved = tuple(s for i, s in enumerate(x.shape) if i != ax) + (channels,)
+    y = jnp.moveaxis(jnp.reshape(y, moved), -1, ax)
+    if scale is not None:
+        y = y * jnp.reshape(scale, layout.view)
+    if bias is not None:
+        y = y + jnp.reshape(bias, layout.view)
+    return _output(y, x, scale, bias, dtype=dtype), stats
+
+
+def iter_norm(
+    x: Array, mean: Array | None = None, whitening: Array | None = None, scale: Array | None = None,
+    bias: Array | None = None, *, training: bool, group_size: int = 64, iterations: int = 5,
+    momentum: float = 0.99, epsilon: float = 1e-5, axis: int = -1, mask: Array | None = None,
+    axis_name: str | None = None, axis_index_groups: Any = None, virtual_batch_size: int | None = None,
+    dtype: Any = None,
+) -> tuple[Array, WhiteningStats]:
+    r"""Iterative normalization: ZCA whitening of groups of channels by Newton-Schulz iterations
+    (Huang, Zhou, Zhu, Liu & Shao 2019, "Iterative Normalization: Beyond Standardization towards
+    Efficient Whitening", CVPR, arXiv:1904.03441).
+
+    The channels (``axis``) form groups of ``c = group_size`` consecutive channels (one group
+    of all of them when there are fewer). In training, per group, over every other axis
+    (``m`` positions):
+
+    .. math::
+        \mu = \mathrm{E}[x], \quad \Sigma = \tfrac1m (x - \mu)^\top (x - \mu) + \epsilon I, \quad
+        \Sigma_N = \Sigma / \mathrm{tr}\,\Sigma
+
+    .. math::
+        P_0 = I, \quad P_k = \tfrac12 \big(3 P_{k-1} - P_{k-1}^3 \Sigma_N\big)\ (k = 1..T), \quad
+        W = P_T / \sqrt{\mathrm{tr}\,\Sigma}
+
+    .. math:: y = \gamma \odot \big((x - \mu) W^\top\big) + \beta
+
+    ``W`` tends to :math:`\Sigma^{-1/2}` (ZCA whitening) as ``T = iterations`` grows; the paper's
+    ``T = 5`` whitens only partly, on purpose (a stable gradient and some of BatchNorm's
+    regularization). With ``training=False`` the running ``mean`` and ``whitening`` replace
+    :math:`\mu` and ``W``. The running statistics move as BatchNorm's (flax's convention):
+    ``mean = momentum * mean + (1 - momentum) * mu``, ``whitening = momentum * whitening +
+    (1 - momentum) * W``.
+
+    Statistics are computed in at least float32 (matrix products at full precision), the mean
+    first and the covariance of centred data, so large means cost no accuracy; with
+    ``axis_name`` every device's count, mean and centred sum of outer products travel in one
+    ``psum`` and are combined by Chan's formula (count-weighted: masks and uneven batches give
+    the statistics of the union). Complex inputs are rejected (``TypeError``).
+
+    Args:
+      x: the input (real).
+      mean, whitening: running statistics, shapes ``(C,)`` and ``(C // c, c, c)``. In training
+        they may be None: then the returned ones are this batch's :math:`\mu` and ``W``.
+      scale, bias: ``gamma`` and ``beta``, per channel (None: absent).
+      training: whiten with the batch's statistics (and update the running ones).
+      group_size: ``c``, the channels whitened together (the paper's code's ``num_channels``);
+        it must divide the number of channels unless it is at least as large.
+      iterations: ``T``, the Newton-Schulz steps.
+      momentum, epsilon: as :func:`batch_norm` (``epsilon I`` is added to the covariance).
+      axis: the channel axis (one).
+      mask: boolean, broadcastable to ``x`` and of size 1 along ``axis``: the positions that
+        enter the statistics (every position is whitened).
+      axis_name, axis_index_groups: combine the statistics across a mapped axis (groups of it).
+      virtual_batch_size: ghost batches, as :func:`batch_norm` (each whitened by its own
+        statistics; the running statistics take their average).
+      dtype: the output dtype.
+
+    Returns:
+      ``(y, WhiteningStats(mean, whitening))``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from normzoo import functional as F
+      >>> x = jax.random.normal(jax.random.key(0), (512, 3)) @ jnp.array([[2.0, 1, 0], [0, 1, 0], [0, 0, 3]]) + 1e4
+      >>> y, (mean, w) = F.iter_norm(x, training=True, iterations=30)
+      >>> cov = jnp.cov(y.T, bias=True)
+      >>> bool(jnp.allclose(cov, jnp.eye(3), atol=1e-3)), mean.shape, w.shape
+      (True, (3,), (1, 3, 3))
+      >>> y_inference, _ = F.iter_norm(x, mean, w, training=False)   # with given (running) statistics
+      >>> bool(jnp.allclose(y_inference, y, atol=1e-3))
+      True
+    """
+    return _iter_map(x, mean, whitening, scale, bias, training=training, group_size=group_size,
+                     iterations=iterations, momentum=momentum, epsilon=epsilon, axis=axis, mask=mask,
+                     axis_name=axis_name, axis_index_groups=axis_index_groups,
+                     virtual_batch_size=virtual_batch_size, dtype=dtype, layer="iter_norm")
 
 
 def _instance_axes(x: Array, feature_axes: Axes, layer: str) -> tuple[tuple[int, ...], tuple[int, ...]]:

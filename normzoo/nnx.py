@@ -56,7 +56,7 @@ Array = jax.Array
 
 __all__ = ["BatchNorm", "BatchNormFreeze", "BatchRenorm", "CosineConv", "CosineLinear", "EvoNormB0", "EvoNormS0",
            "FilterResponseNorm", "FrozenBatchNorm", "GlobalResponseNorm", "GroupNorm",
-           "IBN", "Identity", "InstanceNorm", "ScaledStdConv", "ScaledStdLinear", "SpectralNorm", "StdConv", "StdLinear",
+           "IBN", "Identity", "InstanceNorm", "IterNorm", "ScaledStdConv", "ScaledStdLinear", "SpectralNorm", "StdConv", "StdLinear",
            "WeightNorm", "freeze_batch_norm",
            "LayerNorm", "LpBatchNorm", "MeanOnlyBatchNorm", "NoisyBatchNorm", "RMSNorm", "WeightNormConv", "WeightNormLinear", "from_linen",
            "make", "to_linen"]
@@ -1486,6 +1486,76 @@ class EvoNormB0(_Channelwise, _RunningAverage):
         return y
 
 
+class IterNorm(_RunningAverage):
+    r"""Iterative normalization as an ``nnx.Module``: :class:`normzoo.IterNorm`'s twin (Huang et al.
+    2019, arXiv:1904.03441), with ``use_running_average`` as flax.nnx.BatchNorm's
+    (``model.train()`` / ``model.eval()``).
+
+    .. math:: y = \gamma \odot \big((x - \mu_B) W^\top\big) + \beta, \quad
+              W = P_T / \sqrt{\mathrm{tr}\,\Sigma}, \quad
+              P_k = \tfrac12 \big(3 P_{k-1} - P_{k-1}^3 \Sigma / \mathrm{tr}\,\Sigma\big)
+
+    per group of ``group_size`` channels, with the batch's mean and covariance in training (the
+    running ``mean`` and ``whitening`` updated), the running ones at inference. The arithmetic is
+    :func:`normzoo.functional.iter_norm`.
+
+    Example:
+      >>> import jax
+      >>> from flax import nnx
+      >>> from normzoo import nnx as nznnx
+      >>> layer = nznnx.IterNorm(6, group_size=3, rngs=nnx.Rngs(0))
+      >>> y = layer(jax.random.normal(jax.random.key(0), (16, 6)))
+      >>> layer.mean[...].shape, layer.whitening[...].shape
+      ((6,), (2, 3, 3))
+
+    Args: ``num_features`` (the number of channels), then :class:`normzoo.IterNorm`'s fields in
+    its order (``promote_dtype`` as flax.nnx's layers), ``rngs``, and the keyword-only
+    ``virtual_batch_size`` and ``scale_plus_one``.
+    """
+
+    def __init__(self, num_features: int, *, use_running_average: bool | None = False, axis: int = -1,
+                 momentum: float = 0.99, epsilon: float = 1e-5, dtype: Any = None, param_dtype: Any = jnp.float32,
+                 use_bias: bool = True, use_scale: bool = True, bias_init: Any = initializers.zeros_init(),
+                 scale_init: Any = initializers.ones_init(), axis_name: str | None = None,
+                 axis_index_groups: Any = None, group_size: int = 64, iterations: int = 5,
+                 promote_dtype: Any = _flax_dtypes.promote_dtype, rngs: nnx.Rngs,
+                 virtual_batch_size: int | None = None, scale_plus_one: bool = False):
+        shape = _shape(num_features, axis, "IterNorm")
+        if len(shape) != 1:
+            raise ValueError(f"IterNorm: axis={axis!r} names {len(shape)} axes; IterNorm whitens the channels of "
+                             "one feature axis: give one int (e.g. axis=-1 for channels last).")
+        groups, size = F._whitening_groups(shape[0], group_size, "IterNorm")
+        self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
+        self.whitening = nnx.BatchStat(jnp.broadcast_to(jnp.eye(size, dtype=jnp.float32), (groups, size, size)))
+        self.scale, self.scale_plus_one = _scale(use_scale, scale_init, scale_plus_one, rngs, shape, param_dtype, {})
+        self.bias = _param(use_bias, bias_init, rngs, shape, param_dtype, {})
+        self.num_features, self.use_running_average, self.axis = num_features, use_running_average, axis
+        self.momentum, self.epsilon, self.dtype, self.param_dtype = momentum, epsilon, dtype, param_dtype
+        self.use_bias, self.use_scale, self.axis_name, self.axis_index_groups = use_bias, use_scale, axis_name, axis_index_groups
+        self.group_size, self.iterations, self.promote_dtype = group_size, iterations, promote_dtype
+        self.virtual_batch_size = virtual_batch_size
+
+    def __call__(self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None) -> Array:
+        """Whitens ``x``: with the batch's statistics (running ones updated) or, if
+        ``use_running_average`` (the call's value, else the attribute), the running ones."""
+        training = not _first_from(use_running_average, self.use_running_average, "IterNorm")
+        stored = (self.mean[...], self.whitening[...])
+        x, mean, whitening, scale, bias = self.promote_dtype(
+            (x, *stored, _value(self.scale), _value(self.bias)), dtype=self.dtype)
+        if training:
+            mean, whitening = stored
+        y, new = F._iter_map(
+            x, mean, whitening, _plus_one(scale, self.scale_plus_one), bias,
+            training=training, group_size=self.group_size, iterations=self.iterations, momentum=self.momentum,
+            epsilon=self.epsilon, axis=self.axis, mask=mask, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, virtual_batch_size=self.virtual_batch_size, dtype=self.dtype,
+            layer="IterNorm",
+        )
+        if training:
+            self.mean[...], self.whitening[...] = new.mean, new.whitening
+        return y
+
+
 # ----------------------------------------------------------------------------- registry
 
 
@@ -1685,11 +1755,11 @@ class Identity(nnx.Module):
 
 
 def _twins() -> dict:
-    from normzoo import _batch, _composite, _sample
+    from normzoo import _batch, _composite, _sample, _whiten
 
     return {
         _batch.BatchNorm: BatchNorm, _batch.BatchRenorm: BatchRenorm, _batch.MeanOnlyBatchNorm: MeanOnlyBatchNorm,
-        _batch.FrozenBatchNorm: FrozenBatchNorm, _batch.EvoNormB0: EvoNormB0, _sample.EvoNormS0: EvoNormS0,
+        _batch.FrozenBatchNorm: FrozenBatchNorm, _batch.EvoNormB0: EvoNormB0, _whiten.IterNorm: IterNorm, _sample.EvoNormS0: EvoNormS0,
         _sample.FilterResponseNorm: FilterResponseNorm, _sample.GlobalResponseNorm: GlobalResponseNorm,
         _batch.LpBatchNorm: LpBatchNorm, _batch.NoisyBatchNorm: NoisyBatchNorm,
         _sample.LayerNorm: LayerNorm, _sample.RMSNorm: RMSNorm, _sample.GroupNorm: GroupNorm,
