@@ -77,3 +77,36 @@ def cosine_conv_same(x, kernel):
     k = kernel.shape[0]
     p, w = patches(x, k), f64(kernel).reshape(-1, kernel.shape[-1])
     return (p @ w) / np.linalg.norm(p, axis=-1, keepdims=True) / np.linalg.norm(w, axis=0)
+
+
+def _groups_of(x, group_size):
+    """x (m, C) -> (G, m, c): consecutive channels in groups of min(group_size, C)."""
+    m, c_all = x.shape
+    c = min(group_size, c_all)
+    return f64(x).reshape(m, c_all // c, c).transpose(1, 0, 2)
+
+
+def iter_norm(x, group_size, iterations, eps):
+    """IterNorm on (m, C) as the paper writes it (uncoupled Newton-Schulz): (y, mean, W per group)."""
+    out, ws = [], []
+    for g in _groups_of(x, group_size):
+        xc = g - g.mean(0)
+        sigma = xc.T @ xc / len(g) + eps * np.eye(g.shape[1])
+        tr = np.trace(sigma)
+        p = np.eye(g.shape[1])
+        for _ in range(iterations):
+            p = (3 * p - np.linalg.matrix_power(p, 3) @ (sigma / tr)) / 2
+        w = p / np.sqrt(tr)
+        out.append(xc @ w.T)
+        ws.append(w)
+    return np.concatenate(out, 1), f64(x).mean(0), np.stack(ws)
+
+
+def zca(x, group_size, eps):
+    """Exact ZCA whitening per group, by eigendecomposition: (x - mu) Sigma^{-1/2}."""
+    out = []
+    for g in _groups_of(x, group_size):
+        xc = g - g.mean(0)
+        lam, u = np.linalg.eigh(xc.T @ xc / len(g) + eps * np.eye(g.shape[1]))
+        out.append(xc @ (u / np.sqrt(lam)) @ u.T)
+    return np.concatenate(out, 1)

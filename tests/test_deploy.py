@@ -259,8 +259,8 @@ def test_fold_cifar_models_every_registry_name(model_name, norm):
     variables = _randomize(model.init(jax.random.key(0), x, train=False), seed=4)
     folded = deploy.fold(model, variables, x, train=False)
     # BatchNorm, its variants, IBN and frozen BatchNorm: folded; EvoNorm-B0 (batch statistics inside
-    # a normalization-activation layer, not an affine map): kept
-    batch_family = (normzoo.make(norm).batch_statistics or norm == "frozen_batch") and norm != "evonorm_b0"
+    # a normalization-activation layer, not an affine map) and IterNorm (a matrix across channels): kept
+    batch_family = (normzoo.make(norm).batch_statistics or norm == "frozen_batch") and norm not in ("evonorm_b0", "iter")
     statuses = {s for _, _, s, _ in folded.report}
     assert statuses == ({"folded", "kept"} if (norm, model_name) == ("ibn_b", "resnet20") else {"folded"} if batch_family
                         else {"materialized"} if norm == "weight" else set() if norm == "none" else {"kept"}), folded.report

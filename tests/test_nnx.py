@@ -764,6 +764,7 @@ LINEN_TWINS = {
     nznnx.GroupNorm: normzoo.GroupNorm, nznnx.InstanceNorm: normzoo.InstanceNorm, nznnx.IBN: normzoo.IBN,
     nznnx.WeightNormLinear: normzoo.WeightNormDense, nznnx.CosineLinear: normzoo.CosineDense,
     nznnx.WeightNormConv: normzoo.WeightNormConv, nznnx.CosineConv: normzoo.CosineConv,
+    nznnx.IterNorm: normzoo.IterNorm,
 }
 FLAX_NNX = {nznnx.BatchNorm: nnx.BatchNorm, nznnx.LayerNorm: nnx.LayerNorm, nznnx.RMSNorm: nnx.RMSNorm,
             nznnx.GroupNorm: nnx.GroupNorm, nznnx.InstanceNorm: nnx.InstanceNorm, nznnx.WeightNormLinear: nnx.Linear,

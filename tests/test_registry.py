@@ -10,7 +10,7 @@ from tests.conftest import some_slow
 
 NAMES = ["batch", "batch_renorm", "instance", "layer", "group", "rms", "weight", "cosine", "ibn", "ibn_b", "none",
          "noisy_batch", "l1_batch", "l2_batch", "linf_batch", "frozen_batch", "frn", "grn", "group_ws", "evonorm_s0",
-         "evonorm_b0"]
+         "evonorm_b0", "iter"]
 
 
 def test_available_lists_every_name():
