@@ -22,6 +22,10 @@ from tests import reference as ref
 from tests.conftest import some_slow
 
 RNG = np.random.default_rng(0)
+# Jitted: one compilation per case instead of one per operation (the default run stays short).
+_iter_norm = jax.jit(F.iter_norm, static_argnames=("training", "group_size", "iterations", "momentum", "epsilon",
+                                                   "axis", "axis_name", "axis_index_groups", "virtual_batch_size",
+                                                   "dtype"))
 
 
 def _correlated(m, c, seed=0, loc=0.0, condition=4.0):
@@ -42,7 +46,7 @@ def _flat(y):
 @pytest.mark.parametrize("group_size", some_slow([64, 3], fast={3}))
 def test_t5_equals_the_papers_newton_schulz_in_float64(group_size):
     x = _correlated(128, 6, condition=8.0).reshape(8, 16, 6)  # statistics over (batch, positions)
-    y, (mean, w) = F.iter_norm(x, training=True, group_size=group_size, iterations=5)
+    y, (mean, w) = _iter_norm(x, training=True, group_size=group_size, iterations=5)
     want, want_mean, want_w = ref.iter_norm(x.reshape(-1, 6), group_size, 5, 1e-5)
     np.testing.assert_allclose(_flat(y), want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(mean, want_mean, rtol=1e-5, atol=1e-5)
@@ -52,11 +56,11 @@ def test_t5_equals_the_papers_newton_schulz_in_float64(group_size):
 
 def test_many_iterations_whiten_exactly_as_zca():
     x = _correlated(512, 5, condition=6.0)
-    y, _ = F.iter_norm(x, training=True, iterations=30)
+    y, _ = _iter_norm(x, training=True, iterations=30)
     np.testing.assert_allclose(np.cov(_flat(y).T, bias=True), np.eye(5), atol=1e-4)
     np.testing.assert_allclose(_flat(y), ref.zca(x, 64, 1e-5), atol=1e-4)
     # T = 5 only half-whitens this covariance: the iteration count matters.
-    y5, _ = F.iter_norm(x, training=True, iterations=5)
+    y5, _ = _iter_norm(x, training=True, iterations=5)
     assert np.abs(np.cov(_flat(y5).T, bias=True) - np.eye(5)).max() > 1e-2
 
 
@@ -64,14 +68,14 @@ def test_many_iterations_whiten_exactly_as_zca():
 def test_the_iteration_stays_finite_and_converged_far_past_convergence():
     # The paper's uncoupled form overflows here in float32 after ~20 steps; the coupled one does not.
     x = _correlated(1024, 8, condition=100.0)
-    y, (_, w) = F.iter_norm(x, training=True, iterations=60)
+    y, (_, w) = _iter_norm(x, training=True, iterations=60)
     assert np.isfinite(np.asarray(w)).all()
     np.testing.assert_allclose(_flat(y), ref.zca(x, 64, 1e-5), atol=2e-3)
 
 
 def test_groups_are_whitened_independently_block_diagonal():
     x = _correlated(256, 6, condition=5.0)
-    y, _ = F.iter_norm(x, training=True, group_size=2, iterations=30)
+    y, _ = _iter_norm(x, training=True, group_size=2, iterations=30)
     cov = np.cov(_flat(y).T, bias=True)
     for g in range(3):  # each group white; across groups still correlated
         np.testing.assert_allclose(cov[2 * g:2 * g + 2, 2 * g:2 * g + 2], np.eye(2), atol=1e-4)
@@ -79,14 +83,14 @@ def test_groups_are_whitened_independently_block_diagonal():
     np.testing.assert_allclose(_flat(y), ref.zca(x, 2, 1e-5), atol=1e-4)
     # Each group is the layer on that group's channels alone.
     for g in range(3):
-        alone, _ = F.iter_norm(x[:, 2 * g:2 * g + 2], training=True, iterations=30)
+        alone, _ = _iter_norm(x[:, 2 * g:2 * g + 2], training=True, iterations=30)
         np.testing.assert_allclose(y[:, 2 * g:2 * g + 2], alone, atol=1e-6)
 
 
 def test_channel_axis_other_than_last():
     x = _correlated(96, 4).reshape(8, 12, 4)
-    y_last, (m_last, w_last) = F.iter_norm(x, training=True)
-    y_mid, (m_mid, w_mid) = F.iter_norm(np.moveaxis(x, -1, 1), training=True, axis=1)
+    y_last, (m_last, w_last) = _iter_norm(x, training=True)
+    y_mid, (m_mid, w_mid) = _iter_norm(np.moveaxis(x, -1, 1), training=True, axis=1)
     np.testing.assert_allclose(np.moveaxis(np.asarray(y_mid), 1, -1), y_last, atol=1e-6)
     np.testing.assert_allclose(w_mid, w_last, atol=1e-6)
     np.testing.assert_allclose(m_mid, m_last, atol=1e-6)
@@ -130,9 +134,9 @@ def test_masked_positions_do_not_count_and_are_still_whitened():
     keep[4, :3] = True
     x_masked = x.copy()
     x_masked[~keep[..., 0]] = 1e3  # padding that must not reach the statistics
-    y, (mean, w) = F.iter_norm(x_masked, training=True, mask=jnp.asarray(keep))
+    y, (mean, w) = _iter_norm(x_masked, training=True, mask=jnp.asarray(keep))
     subset = x[keep[..., 0]]
-    y_sub, (mean_sub, w_sub) = F.iter_norm(subset, training=True)
+    y_sub, (mean_sub, w_sub) = _iter_norm(subset, training=True)
     np.testing.assert_allclose(np.asarray(y)[keep[..., 0]], y_sub, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(mean, mean_sub, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(w, w_sub, rtol=1e-5, atol=1e-6)
@@ -140,7 +144,7 @@ def test_masked_positions_do_not_count_and_are_still_whitened():
     pad = np.asarray(x_masked)[~keep[..., 0]]
     np.testing.assert_allclose(np.asarray(y)[~keep[..., 0]], (pad - np.asarray(mean)) @ np.asarray(w[0]).T, rtol=1e-5)
     # A fully masked batch: neutral statistics, running ones unchanged.
-    y0, stats = F.iter_norm(x, jnp.ones(4), jnp.eye(4)[None] * 2, training=True, mask=jnp.zeros((6, 1, 1), bool))
+    y0, stats = _iter_norm(x, jnp.ones(4), jnp.eye(4)[None] * 2, training=True, mask=jnp.zeros((6, 1, 1), bool))
     np.testing.assert_array_equal(stats.mean, 1.0)
     np.testing.assert_array_equal(stats.whitening, np.eye(4)[None] * 2)
     np.testing.assert_allclose(y0, x / np.sqrt(1 + 1e-5), rtol=1e-4)
@@ -154,20 +158,22 @@ def test_gradients_match_finite_differences_in_float64():
     with jax.enable_x64(True):
         scale, bias = jnp.asarray([1.0, 0.5, 2.0]), jnp.asarray([0.1, 0.2, -0.1])
 
+        @jax.jit
         def f(x, scale, bias):
-            return F.iter_norm(x, scale=scale, bias=bias, training=True, iterations=5, epsilon=1e-3)[0]
+            return _iter_norm(x, scale=scale, bias=bias, training=True, iterations=5, epsilon=1e-3)[0]
 
         assert f(jnp.asarray(x), scale, bias).dtype == jnp.float64
         jax.test_util.check_grads(f, (jnp.asarray(x), scale, bias), order=1, modes=("rev", "fwd"), atol=1e-6,
                                   rtol=1e-6)
 
 
+@pytest.mark.slow  # the float64 check above covers the gradient's maths; this its float32 accuracy
 def test_float32_gradient_equals_the_float64_one():
     x = _correlated(32, 4, condition=3.0)
     g = jnp.asarray(RNG.normal(size=x.shape), jnp.float32)
 
     def loss(x):
-        return jnp.sum(F.iter_norm(x, training=True)[0] * g.astype(x.dtype))
+        return jnp.sum(_iter_norm(x, training=True)[0] * g.astype(x.dtype))
 
     got = jax.grad(loss)(jnp.asarray(x))
     with jax.enable_x64(True):
@@ -185,14 +191,14 @@ def test_bfloat16_input_has_float32_statistics_and_bfloat16_output():
     _, mean, w = ref.iter_norm(np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64), 64, 5, 1e-5)
     np.testing.assert_allclose(upd["batch_stats"]["mean"], 0.01 * mean, rtol=1e-5, atol=1e-7)  # momentum 0.99
     np.testing.assert_allclose(upd["batch_stats"]["whitening"], 0.99 * np.eye(4) + 0.01 * w, rtol=1e-5, atol=1e-7)
-    y16, (_, w16) = F.iter_norm(jnp.asarray(x, jnp.float16), training=True)
+    y16, (_, w16) = _iter_norm(jnp.asarray(x, jnp.float16), training=True)
     assert y16.dtype == jnp.float16 and w16.dtype == jnp.float32
 
 
 def test_a_large_mean_changes_nothing():
     x = _correlated(256, 4, condition=5.0).reshape(16, 16, 4)
-    y, (mean, w) = F.iter_norm(x, training=True)
-    y_big, (mean_big, w_big) = F.iter_norm(x + np.float32(1e4), training=True)
+    y, (mean, w) = _iter_norm(x, training=True)
+    y_big, (mean_big, w_big) = _iter_norm(x + np.float32(1e4), training=True)
     np.testing.assert_allclose(y_big, y, atol=2e-3)  # float32 at 1e4: ulp 1e-3
     np.testing.assert_allclose(w_big, w, rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(mean_big - 1e4, mean, atol=2e-3)
@@ -201,8 +207,8 @@ def test_a_large_mean_changes_nothing():
 def test_a_constant_channel_gives_finite_outputs_and_gradients():
     x = _correlated(32, 4)
     x[:, 1] = 5.0
-    y, (_, w) = F.iter_norm(x, training=True)
-    g = jax.grad(lambda x: jnp.sum(F.iter_norm(x, training=True)[0] ** 3))(jnp.asarray(x))
+    y, (_, w) = _iter_norm(x, training=True)
+    g = jax.grad(lambda x: jnp.sum(_iter_norm(x, training=True)[0] ** 3))(jnp.asarray(x))
     assert np.isfinite(np.asarray(y)).all() and np.isfinite(np.asarray(w)).all() and np.isfinite(np.asarray(g)).all()
     np.testing.assert_allclose(np.asarray(y)[:, 1], 0.0, atol=1e-6)  # centred to zero, nothing to whiten
 
@@ -214,32 +220,32 @@ def test_every_error_names_the_argument_and_the_fix():
     x = jnp.ones((4, 6))
     with pytest.raises(ValueError, match=r"iter_norm: group_size=4 does not divide the 6 channels of the input; choose "
                                          r"a divisor of 6 \(e\.g\. group_size=3\), or group_size >= 6"):
-        F.iter_norm(x, training=True, group_size=4)
+        _iter_norm(x, training=True, group_size=4)
     with pytest.raises(ValueError, match=r"iter_norm: group_size=0 must be a positive int: the number of channels "
                                          r"whitened together"):
-        F.iter_norm(x, training=True, group_size=0)
+        _iter_norm(x, training=True, group_size=0)
     with pytest.raises(ValueError, match=r"iter_norm: group_size=2\.0 must be a positive int"):
-        F.iter_norm(x, training=True, group_size=2.0)
+        _iter_norm(x, training=True, group_size=2.0)
     with pytest.raises(ValueError, match=r"iter_norm: iterations=-1 must be a non-negative int"):
-        F.iter_norm(x, training=True, iterations=-1)
+        _iter_norm(x, training=True, iterations=-1)
     with pytest.raises(ValueError, match=r"iter_norm: axis=\(0, 1\) names 2 axes; IterNorm whitens the channels of one "
                                          r"feature axis"):
-        F.iter_norm(x, training=True, axis=(0, 1))
+        _iter_norm(x, training=True, axis=(0, 1))
     with pytest.raises(ValueError, match=r"iter_norm: `axis`=\(2,\) is out of range for an input of rank 2"):
-        F.iter_norm(x, training=True, axis=2)
+        _iter_norm(x, training=True, axis=2)
     with pytest.raises(TypeError, match=r"iter_norm: complex input \(dtype complex64\) is not supported"):
-        F.iter_norm(x.astype(jnp.complex64), training=True)
+        _iter_norm(x.astype(jnp.complex64), training=True)
     with pytest.raises(ValueError, match=r"iter_norm: `mask` of shape \(4, 6\) varies along the channel axis 1 .* "
                                          r"give the mask size 1 along that axis"):
-        F.iter_norm(x, training=True, mask=jnp.ones((4, 6), bool))
+        _iter_norm(x, training=True, mask=jnp.ones((4, 6), bool))
     with pytest.raises(ValueError, match=r"iter_norm: `whitening` has shape \(1, 6, 6\), but 6 channels in groups of 3 "
                                          r"\(group_size=3\) need \(2, 3, 3\)"):
-        F.iter_norm(x, jnp.zeros(6), jnp.ones((1, 6, 6)), training=False, group_size=3)
+        _iter_norm(x, jnp.zeros(6), jnp.ones((1, 6, 6)), training=False, group_size=3)
     with pytest.raises(ValueError, match=r"iter_norm: training=False whitens with the running statistics, but "
                                          r"`whitening` is None"):
-        F.iter_norm(x, jnp.zeros(6), training=False)
+        _iter_norm(x, jnp.zeros(6), training=False)
     with pytest.raises(ValueError, match=r"iter_norm: `scale` has shape \(5,\)"):
-        F.iter_norm(x, scale=jnp.ones(5), training=True)
+        _iter_norm(x, scale=jnp.ones(5), training=True)
     with pytest.raises(ValueError, match=r"IterNorm: group_size=4 does not divide the 6 channels"):
         normzoo.IterNorm(use_running_average=False, group_size=4).init(jax.random.key(0), x)
     with pytest.raises(ValueError, match=r"IterNorm: group_size=4 does not divide the 6 channels"):
@@ -353,7 +359,7 @@ def test_synced_on_8_devices_equals_the_global_batch(mapper):
     # One collective in the forward pass (the stacked count, mean and centred sum of outer products),
     # and a large mean combined across devices as accurately as float64 on the global batch allows.
     mesh = jax.make_mesh((D,), (AXIS,))
-    forward = jax.jit(jax.shard_map(lambda x: F.iter_norm(x, training=True, axis_name=AXIS, group_size=3),
+    forward = jax.jit(jax.shard_map(lambda x: _iter_norm(x, training=True, axis_name=AXIS, group_size=3),
                                     mesh=mesh, in_specs=P(AXIS), out_specs=(P(AXIS), P())))
     big = x + np.float32(1e4)
     sharded = jax.device_put(big, NamedSharding(mesh, P(AXIS)))
@@ -368,17 +374,17 @@ def test_synced_on_8_devices_equals_the_global_batch(mapper):
 @pytest.mark.slow  # ghost batches, with and without devices
 def test_ghost_batches_whiten_each_sub_batch_and_average_the_running_statistics():
     x = _correlated(64, 4).reshape(16, 4, 4)
-    y, (mean, w) = F.iter_norm(x, training=True, virtual_batch_size=4)
-    parts = [F.iter_norm(x[4 * i:4 * i + 4], training=True) for i in range(4)]
+    y, (mean, w) = _iter_norm(x, training=True, virtual_batch_size=4)
+    parts = [_iter_norm(x[4 * i:4 * i + 4], training=True) for i in range(4)]
     np.testing.assert_allclose(y, np.concatenate([p[0] for p in parts]), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(mean, np.mean([p[1].mean for p in parts], 0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(w, np.mean([p[1].whitening for p in parts], 0), rtol=1e-5, atol=1e-6)
     mesh = jax.make_mesh((D,), (AXIS,))
     synced = jax.jit(jax.shard_map(
-        lambda x: F.iter_norm(x, training=True, virtual_batch_size=2, axis_name=AXIS),
+        lambda x: _iter_norm(x, training=True, virtual_batch_size=2, axis_name=AXIS),
         mesh=mesh, in_specs=P(AXIS), out_specs=(P(AXIS), P())))
     y8, (mean8, w8) = synced(jax.device_put(x, NamedSharding(mesh, P(AXIS))))
-    local = [F.iter_norm(x[2 * i:2 * i + 2], training=True) for i in range(8)]
+    local = [_iter_norm(x[2 * i:2 * i + 2], training=True) for i in range(8)]
     np.testing.assert_allclose(y8, np.concatenate([p[0] for p in local]), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(mean8, np.mean([p[1].mean for p in local], 0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(w8, np.mean([p[1].whitening for p in local], 0), rtol=1e-5, atol=1e-6)
