@@ -14,7 +14,6 @@ from ml_collections import config_flags
 from examples.cifar import train
 
 _DEFAULT = str(Path(__file__).parent / "configs" / "default.py")
-config_flags.DEFINE_config_file("config", _DEFAULT, "Config file (':preset' picks smoke, full or tiny).")
 
 
 def _main(argv):
@@ -27,4 +26,6 @@ def _main(argv):
 
 
 if __name__ == "__main__":
+    # Defined here, not at import: the examples' tests import several mains in one process.
+    config_flags.DEFINE_config_file("config", _DEFAULT, "Config file (':preset' picks smoke, full or tiny).")
     app.run(_main)

@@ -22,13 +22,11 @@ from pathlib import Path
 import jax
 import ml_collections
 import numpy as np
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
 
 from examples.cifar import input_pipeline
 from examples.santurkar import experiment, plots
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (with :preset).")
 
 
 def summarize(record: dict) -> dict:
@@ -152,9 +150,11 @@ def run_all(config: ml_collections.ConfigDict, data=None) -> dict:
 
 def main(argv) -> None:
     del argv
-    results = run_all(_CONFIG.value)
+    results = run_all(flags.FLAGS.config)
     print(to_markdown(results))
 
 
 if __name__ == "__main__":
+    # Defined here, not at import: the examples' tests import several mains in one process.
+    config_flags.DEFINE_config_file("config", None, "Path to a config file (with :preset).")
     app.run(main)
