@@ -30,6 +30,7 @@ PAGES = {
     "examples/cifar": ("examples/cifar/README.md", None, None),
     "examples/crossq": ("examples/crossq/README.md", None, None),
     "examples/santurkar": ("examples/santurkar/README.md", None, None),
+    "examples/claims": ("examples/claims/README.md", None, None),
     "examples/porting": ("examples/porting/README.md", None, None),
     "changelog": ("CHANGELOG.md", None, None),
 }

@@ -26,11 +26,11 @@ def activations(rec) -> list[str]:
     rows = [[name, _acc(s["test_accuracy"]), _f(s["final_train_loss"]),
              f"{_f(s['saturated_init'], '{:.3f}')} → {_f(s['saturated_end'], '{:.3f}')}",
              f"{_f(s['linear_init'], '{:.3f}')} → {_f(s['linear_end'], '{:.3f}')}",
-             f"{_f(s['dead_init'], '{:.3f}')} → {_f(s['dead_end'], '{:.3f}')}",
+             f"{_f(s['dead_init'], '{:.3f}')} → {_f(s['dead_end'], '{:.3f}')}" if name.startswith("relu") else "—",
              f"{_f(s['first_last_grad_ratio_init'])}, {_f(s['first_last_grad_ratio'])}", _f(s["ics_cosine"])]
             for name, s in rec["summary"].items()]
     return _table(["activation/normalizer", "test acc.", "train loss", "saturated |z|>2 (init → end)",
-                   "near-linear |z|<1 (init → end)", "dead channels (init → end)",
+                   "near-linear |z|<1 (init → end)", "dead ReLU channels (init → end)",
                    "‖∇W₁‖/‖∇W_L‖ (init, median)", "ICS cos(G, G′)"], rows)
 
 
