@@ -651,8 +651,7 @@ def invariance_probe(
     x))`` for a fixed random ``r`` (``key``); for an output invariant to the re-scaling it is
     exactly ``1/a`` times the original for any loss.
 
-    Example (LayerNorm undoes each example's scale; BatchNorm after a Dense layer undoes the
-    kernel's; neither undoes the other's):
+    Example (BatchNorm after a Dense layer undoes its kernel's scale, LayerNorm each example's):
       >>> import jax, jax.numpy as jnp, flax.linen as nn
       >>> import normzoo
       >>> from normzoo import analysis
