@@ -109,10 +109,11 @@ def normalizers(rec, path):
     for norm, r in rec["runs"].items():
         steps = r["measure_steps"]
         axes[0].semilogy(steps, [j["largest"][-1] for j in r["jacobian"]], marker="o", label=norm)
-        axes[1].semilogy(steps, [np.median(j["median"][:-1]) for j in r["jacobian"]], marker="o", label=norm)
+        axes[1].plot(steps, [np.median(j["largest"][:-1]) for j in r["jacobian"]], marker="o", label=norm)
         axes[2].plot(*_smooth(r["steps"], r["train_accuracy"]), label=norm)
     axes[0].set(title="whole network: largest singular value of the Jacobian", xlabel="step")
-    axes[1].set(title="blocks: median singular value (median over blocks)", xlabel="step")
+    axes[1].axhline(1.0, color="gray", ls=":")
+    axes[1].set(title="blocks: largest singular value (median over blocks)", xlabel="step")
     axes[2].set(title="training accuracy", xlabel="step")
     axes[0].legend()
     fig.tight_layout()
