@@ -101,6 +101,9 @@ def test_every_experiment_of_the_tiny_preset_end_to_end(data, tmp_path):
     assert s["activations"]["summary"]["relu/batch"]["ics_cosine"] is not None
     assert s["activations"]["summary"]["sigmoid/batch"]["ics_cosine"] is None
     assert list(s["normalizers"]["summary"]) == ["none", "batch", "iter"]
+    lr = s["learning_rates"]["summary"]
+    assert lr["batch_no_affine@0.1"]["affine"] is False and lr["batch@0.1"]["affine"] is True
+    assert all(0.0 <= v["dead_end"] <= 1.0 for v in lr.values())
     # The deep linear network's first layer has no predecessor; the invariance table covers the registry.
     assert all(abs(v[0]) < 1e-6 for v in s["deep_linear"]["runs"]["batch"]["ics_l2"])
     import normzoo

@@ -84,7 +84,8 @@ def activations(config, data, progress=True) -> dict:
 
 def learning_rates(config, data, progress=True) -> dict:
     """A learning-rate sweep with and without BatchNorm (steps to a target training accuracy),
-    and initial weights scaled by ``init_scales`` at the activations' learning rate."""
+    initial weights scaled by ``init_scales`` at the activations' learning rate, and BatchNorm
+    without gamma/beta at the learning rates ``no_affine_lrs`` (where dead ReLUs appear: claim 1)."""
     specs = {}
     for norm in ("none", "batch"):
         for lr in config.sweep_lrs:
@@ -92,9 +93,12 @@ def learning_rates(config, data, progress=True) -> dict:
         for s in config.init_scales:
             specs[f"{norm}@{config.activation_lr:g}/init x{s:g}"] = {"norm": norm, "learning_rate": config.activation_lr,
                                                                     "init_scale": s}
+    for lr in config.no_affine_lrs:
+        specs[f"batch_no_affine@{lr:g}"] = {"norm": "batch", "affine": False, "learning_rate": lr}
     runs = _runs(config, data, specs, progress)
-    summary = {name: {"norm": rec["run"]["norm"], "learning_rate": rec["run"]["learning_rate"],
-                      "init_scale": rec["run"]["init_scale"],
+    summary = {name: {"norm": rec["run"]["norm"], "affine": rec["run"]["affine"],
+                      "learning_rate": rec["run"]["learning_rate"], "init_scale": rec["run"]["init_scale"],
+                      "dead_end": float(np.max(rec["pre"][-1]["dead"])),
                       "steps_to_target": train.steps_to(rec, config.target_accuracy),
                       "test_accuracy": rec["test_accuracy"], "final_train_loss": rec["train_loss"][-1],
                       "diverged_at": rec["diverged_at"], "wall_s": rec["wall_s"]}

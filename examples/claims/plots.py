@@ -53,12 +53,14 @@ def learning_rates(rec, path):
     plt = _plt()
     s = rec["summary"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for norm in ("none", "batch"):
-        rows = [v for v in s.values() if v["norm"] == norm and v["init_scale"] == 1.0]
+    lines = {"no normalizer": ("none", True), "BatchNorm": ("batch", True), "BatchNorm without γ/β": ("batch", False)}
+    for label, (norm, affine) in lines.items():
+        rows = [v for v in s.values()
+                if v["norm"] == norm and v.get("affine", True) == affine and v["init_scale"] == 1.0]
         lrs = [v["learning_rate"] for v in rows]
         steps = [v["steps_to_target"] if v["steps_to_target"] is not None else np.nan for v in rows]
-        axes[0].semilogx(lrs, steps, marker="o", label="BatchNorm" if norm == "batch" else "no normalizer")
-        axes[1].semilogx(lrs, [v["test_accuracy"] for v in rows], marker="o", label=norm)
+        axes[0].semilogx(lrs, steps, marker="o", label=label)
+        axes[1].semilogx(lrs, [v["test_accuracy"] for v in rows], marker="o", label=label)
     axes[0].set(title=f"steps to {rec['target_accuracy']:.0%} training accuracy (missing: never)",
                 xlabel="learning rate")
     axes[1].set(title="test accuracy at the end", xlabel="learning rate")

@@ -37,10 +37,11 @@ def activations(rec) -> list[str]:
 def learning_rates(rec) -> list[str]:
     rows = [[name, _f(s["steps_to_target"], "{:d}") if s["steps_to_target"] is not None else "never",
              _acc(s["test_accuracy"]), _f(s["final_train_loss"]),
-             "—" if s["diverged_at"] is None else str(s["diverged_at"])]
+             "—" if s["diverged_at"] is None else str(s["diverged_at"]),
+             _f(s.get("dead_end"), "{:.2f}") if s["diverged_at"] is None else "—"]
             for name, s in rec["summary"].items()]
     return _table(["normalizer@lr (init scale)", f"steps to {rec['target_accuracy']:.0%} train acc.", "test acc.",
-                   "train loss", "diverged at"], rows)
+                   "train loss", "diverged at", "dead ReLU channels at the end (most in a layer)"], rows)
 
 
 def regularization(rec) -> list[str]:
@@ -84,7 +85,7 @@ def invariance(rec) -> list[str]:
 
 def to_markdown(results: dict) -> str:
     meta = results["meta"]
-    lines = [f"Preset `{meta['preset']}`; {meta['hardware']}; jax {meta['jax']}.", ""]
+    lines = [f"Preset `{meta['preset']}`, seed {meta['config'].get('seed', 0)}; {meta['hardware']}; jax {meta['jax']}.", ""]
     for name, rec in results["experiments"].items():
         lines += [f"### {name} ({rec.get('wall_s', 0) / 60:.1f} min)", ""] + globals()[name](rec) + [""]
     return "\n".join(lines)

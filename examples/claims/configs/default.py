@@ -31,6 +31,7 @@ def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
     c.sweep_lrs = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
     c.target_accuracy = 0.4
     c.init_scales = (0.25, 4.0)
+    c.no_affine_lrs = (0.3, 1.0)       # BatchNorm without gamma/beta at the largest learning rates
     # regularization (claim 5): a small training set so that there is something to overfit
     c.reg_subset = 5000
     c.reg_steps = 6000
@@ -87,6 +88,7 @@ def get_config(preset: str = "smoke") -> ml_collections.ConfigDict:
         c.eval_train = 16
         c.sweep_lrs = (0.01, 0.1)
         c.init_scales = (4.0,)
+        c.no_affine_lrs = (0.1,)
         c.reg_subset = 16
         c.reg_steps = 4
         c.normalizers = ("none", "batch", "iter")
